@@ -204,10 +204,10 @@ def _check_text(value: str, max_bytes: int | None) -> str | None:
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError as e:
-        return f"bytes are not valid UTF-8 (character {e.start} of the field)"
+        return f"not valid UTF-8: undecodable bytes or a lone surrogate escape at character {e.start}"
     if max_bytes is not None and size > max_bytes:
         return f"document is {size:,} bytes, over max_document_bytes={max_bytes:,}"
-    if max_bytes is not None and not value.strip():
+    if max_bytes is not None and (not value or value.isspace()):
         return "empty document (no words)"
     return None
 
@@ -279,36 +279,42 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _parse_tsv_row(text: str, path: Path, line: int, config: CorpusConfig) -> Passage:
+def _parse_tsv_row(text: str, path: Path, line: int, config: CorpusConfig, checked: bool) -> Passage:
+    """A TSV row is already a passage: its id and text are kept as they are (text only stripped).
+    `checked`: the raw line decoded as UTF-8 and fits max_document_bytes, so only emptiness is left."""
     columns = text.split("\t")
     if len(columns) != 3:
         raise CorpusError(
             path, line, "(row)", f"expected 3 tab-separated columns id, text, title; got {len(columns)}"
         )
-    pid, body, title = (_unquote(c) for c in columns)
-    for name, value, limit in (
-        ("id", pid, None),
-        ("title", title, None),
-        ("text", body, config.max_document_bytes),
-    ):
-        problem = _check_text(value, limit)
-        if problem:
-            raise CorpusError(path, line, name, problem)
-    if not pid.strip():
+    pid, body, title = _unquote(columns[0]).strip(), _unquote(columns[1]).strip(), _unquote(columns[2])
+    if not checked:
+        for name, value, limit in (
+            ("id", pid, None),
+            ("title", title, None),
+            ("text", body, config.max_document_bytes),
+        ):
+            problem = _check_text(value, limit)
+            if problem:
+                raise CorpusError(path, line, name, problem)
+    if not pid:
         raise CorpusError(path, line, "id", "empty id")
-    return Passage(pid.strip(), normalize_whitespace(title), normalize_whitespace(body))
+    if not body:
+        raise CorpusError(path, line, "text", "empty document (no words)")
+    return Passage(pid, normalize_whitespace(title), body)
 
 
 def _read_dpr_tsv(path: Path, config: CorpusConfig, report: ReadReport) -> Iterator[Passage]:
     with _open_binary(path) as f:
         for line, raw in enumerate(f, 1):
-            text, _ = _decode_line(raw.rstrip(b"\r\n"))
+            text, valid_utf8 = _decode_line(raw.rstrip(b"\r\n"))
             if line == 1 and text.split("\t", 1)[0].strip().lower() == "id":
                 continue  # the header line
-            if not text.strip():
+            if not text or text.isspace():
                 continue
+            checked = valid_utf8 and len(raw) <= config.max_document_bytes
             try:
-                passage = _parse_tsv_row(text, path, line, config)
+                passage = _parse_tsv_row(text, path, line, config, checked)
             except CorpusError as error:
                 _reject(error, config, report)
                 continue
@@ -364,9 +370,11 @@ def _read_builtin(config: CorpusConfig, report: ReadReport) -> Iterator[_Documen
         data = json.load(f)
     for key, entry in data.items():
         try:
-            yield _parse_builtin_entry(key, entry, path, config)
+            doc = _parse_builtin_entry(key, entry, path, config)
         except CorpusError as error:
             _reject(error, config, report)
+            continue
+        yield doc
 
 
 def _parse_builtin_entry(key: str, entry: Any, path: Path, config: CorpusConfig) -> _Document:
@@ -425,13 +433,14 @@ class PassageStore:
 
     def __init__(self, path: Path, table: pa.Table) -> None:
         self.path = path
-        self._table = table
         self._ids = table.column("id")
-        self._titles = table.column("title")
-        self._texts = table.column("text")
-        # Start row of every record batch, to find a row's batch by binary search.
-        lengths = [len(chunk) for chunk in self._ids.chunks]
-        self._starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        # Per record batch (id, title, text) arrays: zero-copy views into the memory map. Taking from
+        # them batch by batch avoids Table.take, which concatenates (copies) every chunk first.
+        self._columns = [
+            (batch.column("id"), batch.column("title"), batch.column("text")) for batch in table.to_batches()
+        ]
+        lengths = [len(cols[0]) for cols in self._columns]
+        self._starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # first row per batch
         self._row_of: dict[str, int] | None = None
 
     @classmethod
@@ -451,34 +460,33 @@ class PassageStore:
         return cls(path, table)
 
     def __len__(self) -> int:
-        return self._table.num_rows
+        return int(self._starts[-1])
 
     def __getitem__(self, row: int) -> Passage:
         row = self._check_row(row)
-        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
-        local = row - int(self._starts[chunk])
-        return Passage(
-            self._ids.chunk(chunk)[local].as_py(),
-            self._titles.chunk(chunk)[local].as_py(),
-            self._texts.chunk(chunk)[local].as_py(),
-        )
+        batch = int(np.searchsorted(self._starts, row, side="right")) - 1
+        local = row - int(self._starts[batch])
+        return Passage(*(col[local].as_py() for col in self._columns[batch]))
 
     def get(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
-        """Passages at `rows`, in that order (duplicates allowed), gathered with one vectorised take."""
-        index = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
+        """Passages at `rows`, in that order (duplicates allowed): one vectorised take per batch."""
+        index = np.asarray(rows, dtype=np.int64).reshape(-1)  # (N,)
+        if index.size == 0:
+            return []
+        if index.min() < 0 or index.max() >= len(self):
             bad = index[(index < 0) | (index >= len(self))][0]
             raise IndexError(f"row {bad} out of range for passage store {self.path} of {len(self)} rows")
-        taken = self._table.take(pa.array(index))
-        return [
-            Passage(i, t, x)
-            for i, t, x in zip(
-                taken.column("id").to_pylist(),
-                taken.column("title").to_pylist(),
-                taken.column("text").to_pylist(),
-                strict=True,
-            )
-        ]
+        batch = np.searchsorted(self._starts, index, side="right") - 1  # (N,)
+        local = index - self._starts[batch]  # (N,)
+        order = np.argsort(batch, kind="stable")
+        groups, first = np.unique(batch[order], return_index=True)
+        out: list[Passage] = [None] * len(index)  # type: ignore[list-item]  # every slot is filled below
+        for b, positions in zip(groups.tolist(), np.split(order, first[1:]), strict=True):
+            take = pa.array(local[positions])
+            ids, titles, texts = (col.take(take).to_pylist() for col in self._columns[b])
+            for pos, i, t, x in zip(positions.tolist(), ids, titles, texts, strict=True):
+                out[pos] = Passage(i, t, x)
+        return out
 
     def ids(self) -> pa.ChunkedArray:
         """The id column (memory-mapped; `.to_pylist()` it only for small stores)."""

@@ -209,6 +209,8 @@ JSONL_BAD = {
     "missing title": (jrec(text="body"), "title"),
     "not utf-8": (b'{"title": "T", "text": "caf\xe9 au lait"}', "text"),
     "not utf-8 title": (b'{"title": "\xff", "text": "ok"}', "title"),
+    "not utf-8 in an unused field": (b'{"title": "T", "text": "ok", "meta": "\xfe"}', "meta"),
+    "lone surrogate escape": (jrec(title="T", text="a \ud800 b"), "text"),
     "empty document": (jrec(title="T", text=" \n\t "), "text"),
     "10 MB document": (jrec(title="T", text=BIG), "text"),
     "not an object": ("[1, 2]", "(record)"),
@@ -291,6 +293,26 @@ def test_folder_bad_file_names_file_line_field(tmp_path, case):
     report = ReadReport()
     kept = list(iter_passages(CorpusConfig(source=str(root), skip_bad_records=True), report))
     assert [p.title for p in kept] == ["a", "z"] and report.skipped == 1
+
+
+def test_builtin_bad_entries_name_entry_and_field(tmp_path, monkeypatch):
+    import rag.resources
+
+    path = tmp_path / "summaries.json"
+    entries = {
+        "Good": {"title": "Good", "extract": "fine words"},
+        "NoExtract": {"title": "NoExtract", "description": "d"},
+        "Empty": {"title": "Empty", "extract": "   "},
+        "Also good": {"title": "Also good", "extract": "more words"},
+    }
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    monkeypatch.setattr(rag.resources, "wiki_summaries_path", lambda: path)
+    with pytest.raises(CorpusError, match=r"summaries.json \[entry 'NoExtract'\]: field 'extract'"):
+        list(iter_passages(CorpusConfig()))
+    report = ReadReport()
+    kept = list(iter_passages(CorpusConfig(skip_bad_records=True), report))
+    assert [p.title for p in kept] == ["Good", "Also good"] and report.skipped == 2
+    assert "'Empty'" in report.examples[1] and "empty document" in report.examples[1]
 
 
 def test_missing_source(tmp_path):
