@@ -18,16 +18,14 @@ import pytest
 
 from rag.config import CorpusConfig
 from rag.corpus import (
-    BATCH_ROWS,
     CorpusError,
     Passage,
-    PassageStore,
     ReadReport,
     iter_passages,
     resolve_format,
     split_words,
-    write_passage_store,
 )
+from rag.store import BATCH_ROWS, PassageStore, write_passage_store
 
 
 def words(n: int, prefix: str = "w") -> list[str]:
