@@ -171,7 +171,7 @@ def _stream(
                 continue
             report.read += 1
             yield example
-    except (UnicodeDecodeError, csv.Error, OSError) as err:
+    except (UnicodeDecodeError, csv.Error, gzip.BadGzipFile, EOFError) as err:
         raise TaskFormatError(path, None, "file", f"cannot be read as text: {err}") from err
 
 
@@ -546,7 +546,9 @@ def _red_trivia_file(path: Path) -> Iterator[tuple[int, int, tuple[str, Any]]]:
     """(position, line, (question, answers node)) from one YAML list, read as raw scalars (no 1.1 typing:
     an alias `yes` or `1.0` stays a string)."""
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        root = yaml.compose(
+            path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        )
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise TaskFormatError(

@@ -297,6 +297,15 @@ def test_reserved_split_is_every_fifth_position():
     assert len(tasks.split_reserved(examples, "dev")) == 10
 
 
+def test_undecodable_and_missing_files(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"question": "caf\u00e9", "answer": ["x"]}\n'.encode("utf-8") + b"\xe9\xff\n")
+    with pytest.raises(TaskFormatError, match="latin1.jsonl.*cannot be read as text"):
+        read_task("nq-open", path)
+    with pytest.raises(FileNotFoundError):
+        read_task("nq-open", tmp_path / "absent.jsonl")
+
+
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown task format"):
         read_task("nope", FIXTURES / "nq_open.jsonl")
