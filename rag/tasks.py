@@ -232,11 +232,11 @@ def _qa(position: int, ident: str, question: str, answers: tuple[str, ...], rege
 
 
 def _unquote_twice(question: str) -> str:
-    """Anserini's TriviaQA files CSV-quote questions that contain quotes a second time."""
-    if len(question) >= 2 and question[0] == '"' and question[-1] == '"':
-        inner = next(csv.reader([question]))
-        if len(inner) == 1:
-            return inner[0]
+    """Anserini's TriviaQA files CSV-quote questions that contain quotes a second time: undo that when
+    the field is a well-formed quoted field (inner quotes all doubled), so `"A" and "B"` stays as is."""
+    inner = question[1:-1]
+    if len(question) >= 2 and question[0] == question[-1] == '"' and '"' not in inner.replace('""', ""):
+        return inner.replace('""', '"')
     return question
 
 

@@ -47,6 +47,14 @@ def test_dpr_qa_reads_answers_and_double_quoted_trivia_questions():
     assert not any(e.answer_is_regex for e in examples)
 
 
+def test_dpr_qa_keeps_questions_that_merely_start_and_end_with_quotes(tmp_path):
+    # DPR's own files quote once: after csv this question starts and ends with a quote, but it is not
+    # a quoted field (its inner quotes are not doubled), so it must stay as written
+    path = write(tmp_path, "once.tsv", '"""Yesterday"" was sung by ""The Beatles"""\t[\'x\']\n')
+    (example,) = read_task("dpr-qa", path)
+    assert example.input == '"Yesterday" was sung by "The Beatles"'
+
+
 def test_dpr_qa_bad_literal_names_file_line_and_field(tmp_path):
     path = write(tmp_path, "bad.tsv", "q one\t['a']\nq two\t['unclosed\nq three\t['c']\n")
     with pytest.raises(TaskFormatError) as err:
