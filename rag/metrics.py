@@ -147,7 +147,8 @@ def accuracy(predictions: Sequence[str | None], labels: Sequence[str]) -> float:
 def passage_hits(
     answers: Sequence[str], passages: Sequence[str], *, regex_answers: bool = False
 ) -> list[bool]:
-    """For each ranked passage text, whether it contains an answer (DPR's has_answer)."""
+    """For each ranked passage text, whether it contains an answer (DPR's has_answer). DPR checks the
+    passage text alone; prepend the title (DPR's use_title: `title + " . " + text`) to count it too."""
     return [has_answer(answers, text, regex_answers=regex_answers) for text in passages]
 
 

@@ -334,6 +334,9 @@ def test_unknown_format():
         ("fever", "fever/paper_dev.jsonl", {"labels": FEVER_2WAY}, 6666),
         ("jeopardy", "jeopardy/jeopardy.csv", {}, 19999),
         ("nq-gold", "nq_open_gold_passages/nq-open-oracle.jsonl.gz", {}, 2655),
+        pytest.param(
+            "open-qa", "dpr_test_sets/topics.dpr.trivia.test.txt", {}, 11313, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_shared_files_parse_with_documented_counts(shared_data, fmt, relative, options, count):
