@@ -1,0 +1,210 @@
+"""Generators: input layout, cached scoring against plain full forwards, incremental decoding, loading."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from tiny_generators import tiny_bart, tiny_generator, tiny_llama
+
+from rag.config import GeneratorConfig
+from rag.generators import (
+    CausalGenerator,
+    Seq2SeqGenerator,
+    converted_gguf_dir,
+    load_generator,
+)
+from rag.resources import resolve_path, wiki_summaries_path
+
+NAMES = ["bart", "t5", "llama", "llama-chat", "gpt2"]
+QUESTIONS = ["what is the capital of angola ?", "who wrote the book ?"]
+PASSAGES = [
+    [("angola", "luanda is the capital city of angola"), ("france", "paris")],
+    [("book", "one two three the book was born in the year one"), ("portugal", "lisbon")],
+]
+TARGETS = ["luanda", "the capital city of angola", "paris", "one"]
+ROWS = torch.tensor([0, 3, 1, 3])  # row n of TARGETS read under (question, passage) row ROWS[n]
+
+
+def _prefix_and_targets(gen):
+    inputs = gen.format_inputs(QUESTIONS, PASSAGES)
+    return inputs, gen.encode_prefix(inputs), gen.encode_targets(TARGETS)
+
+
+def _reference_logprobs(gen, inputs, row: int, target: torch.Tensor) -> torch.Tensor:
+    """One plain forward, no cache, no padding: (len(target), V)."""
+    prompt = inputs.input_ids[row][inputs.attention_mask[row].bool()][None]
+    if isinstance(gen, Seq2SeqGenerator):
+        start = torch.tensor([[gen.model.config.decoder_start_token_id]])
+        logits = gen.model(
+            input_ids=prompt, decoder_input_ids=torch.cat([start, target[None, :-1]], 1)
+        ).logits[0]
+    else:
+        full = torch.cat([prompt, target[None]], 1)
+        logits = gen.model(input_ids=full).logits[0, prompt.shape[1] - 1 : -1]
+    return torch.log_softmax(logits, -1)
+
+
+def test_seq2seq_layout_is_the_released_rag_layout():
+    gen = tiny_bart()
+    # Hand-written from transformers' RagRetriever.postprocess_docs: quotes stripped from the title,
+    # " / " and " // " separators, every double space collapsed once.
+    assert gen.format_text("who?", '"Angola"', "A  country") == "Angola / A country // who?"
+    gen.input_prefix = "question: "
+    assert gen.format_text("who?", "T", "x") == "question: T / x // who?"
+    assert gen.format_text("who?", None, None) == "question: who?"
+    gen.input_prefix = ""
+    inputs = gen.format_inputs(QUESTIONS, PASSAGES)
+    assert inputs.texts[1] == "france / paris // what is the capital of angola ?"
+    assert inputs.input_ids.shape[0] == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_target_logprobs_equal_a_full_forward(name):
+    gen = tiny_generator(name)
+    inputs, prefix, targets = _prefix_and_targets(gen)
+    with torch.no_grad():
+        got = gen.target_logprobs(prefix, ROWS, targets)  # (N, T, V)
+        assert got.shape == (*targets.ids.shape, gen.vocab_size)
+        for n, row in enumerate(ROWS.tolist()):
+            length = int(targets.mask[n].sum())
+            want = _reference_logprobs(gen, inputs, row, targets.ids[n, :length])
+            torch.testing.assert_close(got[n, :length], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_by_step_equals_teacher_forcing(name):
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    with torch.no_grad():
+        forced = gen.target_logprobs(prefix, ROWS, targets)
+        state = gen.start(prefix, ROWS)
+        logprobs, state = gen.step(state, None)
+        torch.testing.assert_close(logprobs, forced[:, 0], atol=1e-5, rtol=0)
+        for t in range(1, targets.ids.shape[1]):
+            logprobs, state = gen.step(state, targets.ids[:, t - 1])
+            torch.testing.assert_close(logprobs, forced[:, t], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError):
+            gen.step(gen.start(prefix, ROWS), targets.ids[:, 0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reorder_selects_rows_and_states_stay_unchanged(name):
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    index = torch.tensor([1, 1, 3, 0, 2])  # duplicates and drops rows, as beam search does
+    with torch.no_grad():
+        want = gen.target_logprobs(prefix, ROWS[index], targets.select(index))
+        _, state = gen.step(gen.start(prefix, ROWS), None)
+        _, state = gen.step(state, targets.ids[:, 0])
+        before, _ = gen.step(state, targets.ids[:, 1])
+        moved = gen.reorder(state, index)
+        got, _ = gen.step(moved, targets.ids[index, 1])
+        torch.testing.assert_close(got, want[:, 2], atol=1e-5, rtol=0)
+        # Stepping and reordering made new states: the old one still gives the same distribution.
+        again, _ = gen.step(state, targets.ids[:, 1])
+        torch.testing.assert_close(again, before, atol=0, rtol=0)
+
+
+def test_targets_end_with_eos_and_chat_models_end_the_turn():
+    gen = tiny_bart()
+    batch = gen.encode_targets(["luanda", "the capital city"])
+    vocab = gen.tokenizer.get_vocab()
+    assert batch.ids.tolist() == [
+        [vocab["luanda"], 2, 1, 1],
+        [vocab["the"], vocab["capital"], vocab["city"], 2],
+    ]
+    assert batch.mask.tolist() == [[True, True, False, False], [True] * 4]
+    chat = tiny_llama(chat=True)
+    assert chat.eos_token_id == chat.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert chat.encode_targets(["paris"]).ids[0, -1].item() == chat.eos_token_id
+    plain = tiny_llama()
+    assert plain.eos_token_id == 2
+
+
+def test_closed_book_and_truncated_prompts():
+    gen = tiny_llama(chat=True)
+    closed = gen.format_inputs(QUESTIONS, None)
+    assert len(closed.texts) == 2 and "Passage" not in closed.texts[0] and QUESTIONS[0] in closed.texts[0]
+    long_text = " ".join(["the capital city of angola"] * 60)
+    inputs = gen.format_inputs(QUESTIONS[:1], [[("angola", long_text)]])
+    assert inputs.input_ids.shape[1] <= gen.generator_config.max_input_tokens
+    # The passage is cut, never the question or the generation prompt at the end.
+    assert inputs.texts[0].endswith(QUESTIONS[0] + "<|im_end|> <|im_start|>assistant ")
+    # Left padding: every prompt ends in the last column, where the target starts.
+    mixed = gen.format_inputs(QUESTIONS, PASSAGES)
+    assert bool(mixed.attention_mask[:, -1].all()) and not bool(mixed.attention_mask[:, 0].all())
+
+
+@pytest.mark.parametrize("name", ["bart", "llama"])
+def test_gradients_flow_through_the_prefix(name):
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    logprobs = gen.target_logprobs(prefix, ROWS, targets)
+    picked = logprobs.gather(-1, targets.ids[..., None])[..., 0]
+    (-(picked * targets.mask).sum()).backward()
+    embeddings = gen.model.get_input_embeddings().weight.grad
+    assert embeddings is not None
+    prompt_token = gen.tokenizer.convert_tokens_to_ids("angola")  # appears only in prompts, never as target
+    assert embeddings[prompt_token].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["bart", "llama-chat"])
+def test_load_generator_detects_the_family_and_reloads_the_same_model(name, tmp_path):
+    gen = tiny_generator(name)
+    gen.model.save_pretrained(tmp_path)
+    gen.tokenizer.save_pretrained(tmp_path)
+    loaded = load_generator(GeneratorConfig(path=str(tmp_path), max_input_tokens=96))
+    assert isinstance(loaded, Seq2SeqGenerator if name == "bart" else CausalGenerator)
+    _, prefix, targets = _prefix_and_targets(gen)
+    _, prefix2, targets2 = _prefix_and_targets(loaded)
+    assert torch.equal(targets.ids, targets2.ids) and loaded.eos_token_id == gen.eos_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.target_logprobs(prefix2, ROWS, targets2), gen.target_logprobs(prefix, ROWS, targets)
+        )
+
+
+def test_load_generator_reports_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_generator(GeneratorConfig(path=str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_generator(GeneratorConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"is_encoder_decoder": true,\n oops}')
+    with pytest.raises(ValueError, match=r"config.json: line 2"):
+        load_generator(GeneratorConfig(path=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_converts_once_and_reads_luanda_from_the_angola_passage():
+    config = GeneratorConfig()
+    gen = load_generator(config)  # converts on the first run in this cache
+    converted = converted_gguf_dir(resolve_path(config.path), config)
+    stamp = (converted / "model.safetensors").stat().st_mtime
+    started = time.perf_counter()
+    gen = load_generator(config)
+    reload_s = time.perf_counter() - started
+    assert (converted / "model.safetensors").stat().st_mtime == stamp  # not converted again
+    assert reload_s < 15, f"reloading the converted model took {reload_s:.1f} s"
+    angola = json.loads(wiki_summaries_path().read_text(encoding="utf-8"))["Angola"]
+    question = "What is the capital of Angola?"
+    prefix = gen.encode_prefix(gen.format_inputs([question], [[(angola["title"], angola["extract"])]]))
+    candidates = ["Luanda", "Lisbon", "Namibia", "Cabinda", "Brazil", "Nairobi"]
+    targets = gen.encode_targets(candidates)
+    with torch.no_grad():
+        logprobs = gen.target_logprobs(prefix, torch.zeros(len(candidates), dtype=torch.long), targets)
+    scores = (logprobs.gather(-1, targets.ids[..., None])[..., 0] * targets.mask).sum(-1)
+    assert scores.argmax().item() == 0, dict(zip(candidates, scores.tolist(), strict=True))
+    # Greedy decoding through step() writes the answer too.
+    state, tokens = gen.start(prefix, torch.zeros(1, dtype=torch.long)), None
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(8):
+            logprobs_next, state = gen.step(state, tokens)
+            tokens = logprobs_next.argmax(-1)
+            if tokens.item() == gen.eos_token_id:
+                break
+            out.append(int(tokens.item()))
+    assert "Luanda" in gen.decode(out)
