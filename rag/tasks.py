@@ -1,15 +1,15 @@
-"""Readers for the paper's task formats, each yielding typed `Example`s.
+"""Typed examples for the paper's tasks, and `read_task`, the one entry point that reads them.
 
-One reader per published format: open-domain QA (DPR's `question<TAB>[answers]`, NQ-open JSON Lines,
-CuratedTrec's regular expressions), abstractive QA (MS MARCO), Jeopardy question generation, FEVER
-(3-way and 2-way through one-token targets), KILT JSON Lines, SQuAD-open, NQ gold passages and the
-Red-Trivia YAML lists. Bad input raises `TaskFormatError` naming the file, the line and the field;
-`skip_bad=True` skips such records and counts them in a `SkipReport` instead.
+The formats (open-domain QA, MS MARCO, Jeopardy, FEVER, KILT, SQuAD-open, NQ gold passages, Red-Trivia)
+each have a reader in `rag.task_readers`; this module holds what they share: the `Example` record, the
+FEVER label sets, the reserved-split rule, and the record sources and field helpers that turn bad input
+into a `TaskFormatError` naming the file, the line and the field (`skip_bad=True` skips such records and
+counts them in a `SkipReport` instead). The readers are re-exported here, so `from rag.tasks import
+read_fever` keeps working.
 """
 
 from __future__ import annotations
 
-import ast
 import csv
 import gzip
 import io
@@ -18,9 +18,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import TYPE_CHECKING, Any, Literal
 
 csv.field_size_limit(sys.maxsize)  # TriviaQA alias lists exceed the default 128 KiB
 
@@ -227,167 +225,6 @@ def _qa(position: int, ident: str, question: str, answers: tuple[str, ...], rege
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Open-domain QA.
-
-
-def _unquote_twice(question: str) -> str:
-    """Anserini's TriviaQA files CSV-quote questions that contain quotes a second time: undo that when
-    the field is a well-formed quoted field (inner quotes all doubled), so `"A" and "B"` stays as is."""
-    inner = question[1:-1]
-    if len(question) >= 2 and question[0] == question[-1] == '"' and '"' not in inner.replace('""', ""):
-        return inner.replace('""', '"')
-    return question
-
-
-def read_dpr_qa(
-    path: Path | str, *, regex: bool = False, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """DPR's `question<TAB>['answer', ...]` files (csv + ast.literal_eval, as DPR reads them)."""
-    path = Path(path)
-
-    def parse(position: int, row: list[str]) -> Example:
-        if len(row) != 2:
-            raise _Bad("row", f"expected 2 tab-separated fields (question, answers), got {len(row)}")
-        question = _unquote_twice(row[0]).strip()
-        if not question:
-            raise _Bad("question", "empty")
-        try:
-            answers = ast.literal_eval(row[1])
-        except (ValueError, SyntaxError) as err:
-            raise _Bad("answers", f"not a Python list literal: {err}") from None
-        return _qa(position, str(position), question, _texts(answers, "answers"), regex)
-
-    return _stream(path, _csv_rows(path, "\t"), parse, skip_bad, report)
-
-
-def read_qa_jsonl(
-    path: Path | str, *, regex: bool = False, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """NQ-open style JSON Lines `{"question", "answer": [...]}` ("answers" also accepted)."""
-    path = Path(path)
-
-    def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        key = _first_key(obj, ("answer", "answers"))
-        answers = _texts(obj[key], key)
-        return _qa(position, _record_id(obj, position), _text(obj, "question"), answers, regex)
-
-    return _stream(path, _lines(path), parse, skip_bad, report)
-
-
-def read_open_qa(
-    path: Path | str, *, regex: bool = False, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """Either open-QA format, told apart by the file's first character (`{`: JSON Lines)."""
-    path = Path(path)
-    with _open_text(path) as handle:
-        head = handle.read(4096).lstrip()
-    reader = read_qa_jsonl if head.startswith("{") else read_dpr_qa
-    return reader(path, regex=regex, skip_bad=skip_bad, report=report)
-
-
-def read_curatedtrec(
-    path: Path | str, *, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """brmson's CuratedTREC TSV: `id<TAB>type<TAB>question<TAB>answer-regex` (one pattern, `|` for or)."""
-    path = Path(path)
-
-    def parse(position: int, row: list[str]) -> Example:
-        if len(row) != 4:
-            raise _Bad(
-                "row", f"expected 4 tab-separated fields (id, type, question, pattern), got {len(row)}"
-            )
-        ident, _, question, pattern = (cell.strip() for cell in row)
-        if not question:
-            raise _Bad("question", "empty")
-        if not pattern:
-            raise _Bad("answer", "empty pattern")
-        return _qa(position, ident or str(position), question, (pattern,), regex=True)
-
-    # split on tabs, not csv: the questions and patterns contain bare double quotes
-    def rows() -> Iterator[tuple[int, int, list[str]]]:
-        for position, line, raw in _lines(path):
-            yield position, line, raw.rstrip("\r\n").split("\t")
-
-    return _stream(path, rows(), parse, skip_bad, report)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Abstractive QA, question generation, fact verification.
-
-
-def read_msmarco(
-    path: Path | str,
-    *,
-    skip_no_answer: bool = False,
-    skip_bad: bool = False,
-    report: SkipReport | None = None,
-) -> Iterator[Example]:
-    """MS MARCO QA: JSON Lines `{"query", "answers": [...], "query_id"?}`, or the official column layout
-    (one JSON object `{"query": {row: text}, "answers": {row: [...]}, ...}`).
-    `skip_no_answer` leaves out queries whose only answer is "No Answer Present." (counted as filtered)."""
-    path = Path(path)
-
-    def parse(position: int, raw: str | dict[str, Any]) -> Example | None:
-        obj = raw if isinstance(raw, dict) else _json_object(raw)
-        key = _first_key(obj, ("answers",))
-        answers = _texts(obj[key], key)
-        if skip_no_answer and all(a.strip() == "No Answer Present." for a in answers):
-            return None
-        return _qa(position, _record_id(obj, position), _text(obj, "query"), answers, regex=False)
-
-    def rows() -> Iterator[tuple[int, int | None, str | dict[str, Any]]]:
-        with _open_text(path) as handle:
-            head = handle.readline()
-        try:
-            table = json.loads(head)
-        except json.JSONDecodeError:
-            table = None
-        if not (isinstance(table, dict) and isinstance(table.get("query"), dict)):
-            yield from _lines(path)
-            return
-        columns = {k: v for k, v in table.items() if isinstance(v, dict)}
-        for position, row in enumerate(columns["query"]):
-            yield position, None, {k: v.get(row) for k, v in columns.items()}
-
-    return _stream(path, rows(), parse, skip_bad, report)
-
-
-def read_jeopardy(
-    path: Path | str, *, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """Jeopardy CSV (Show Number, Air Date, Round, Category, Value, Question, Answer; header names may
-    carry leading spaces). The paper's task: input the answer entity, target the clue ("question")."""
-    path = Path(path)
-    header: list[str] = []
-
-    def parse(position: int, row: list[str]) -> Example:
-        if len(row) != len(header):
-            raise _Bad("row", f"expected {len(header)} comma-separated fields, got {len(row)}")
-        record = dict(zip(header, row, strict=True))
-        answer, clue = record["Answer"].strip(), record["Question"].strip()
-        if not answer:
-            raise _Bad("Answer", "empty")
-        if not clue:
-            raise _Bad("Question", "empty")
-        return Example(id=str(position), input=answer, targets=(clue,), answers=(clue,), position=position)
-
-    def rows() -> Iterator[tuple[int, int, list[str]]]:
-        records = _csv_rows(path, ",")
-        first = next(records, None)
-        if first is None:
-            raise TaskFormatError(path, 1, "header", "empty file")
-        header.extend(name.strip() for name in first[2])
-        for name in ("Question", "Answer"):
-            if name not in header:
-                raise TaskFormatError(path, 1, name, f"missing from the header {header}")
-        for position, line, row in records:
-            yield position - 1, line, row
-
-    return _stream(path, rows(), parse, skip_bad, report)
-
-
 def _fever_evidence(value: Any) -> tuple[tuple[Provenance, ...], ...] | None:
     """FEVER evidence: a list of evidence sets, each a list of [annotation, evidence, page, sentence]."""
     if not isinstance(value, list):
@@ -402,43 +239,6 @@ def _fever_evidence(value: Any) -> tuple[tuple[Provenance, ...], ...] | None:
         if pages:
             sets.append(pages)
     return tuple(dict.fromkeys(sets)) or None
-
-
-def read_fever(
-    path: Path | str,
-    *,
-    labels: LabelSet = FEVER_3WAY,
-    skip_bad: bool = False,
-    report: SkipReport | None = None,
-) -> Iterator[Example]:
-    """FEVER JSON Lines `{"id", "claim", "label", "evidence"}`. The target is the label's one-token
-    string; labels outside `labels` but valid FEVER labels (NEI in 2-way) are filtered, not errors."""
-    path = Path(path)
-
-    def parse(position: int, raw: str) -> Example | None:
-        obj = _json_object(raw)
-        label = _text(obj, "label")
-        if label not in FEVER_ALL_LABELS:
-            raise _Bad("label", f"{label!r} is not one of {list(FEVER_ALL_LABELS)}")
-        if label not in labels.labels:
-            return None
-        target = labels.target(label)
-        provenance = _fever_evidence(obj["evidence"]) if "evidence" in obj else None
-        return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "claim"),
-            targets=(target,),
-            answers=(target,),
-            position=position,
-            label=label,
-            provenance=provenance,
-        )
-
-    return _stream(path, _lines(path), parse, skip_bad, report)
-
-
-# ---------------------------------------------------------------------------------------------------
-# KILT, SQuAD-open, NQ gold passages, Red-Trivia.
 
 
 def _kilt_provenance(items: Any) -> tuple[Provenance, ...]:
@@ -457,170 +257,69 @@ def _kilt_provenance(items: Any) -> tuple[Provenance, ...]:
     return tuple(dict.fromkeys(pages))
 
 
-def read_kilt(
-    path: Path | str, *, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """KILT JSON Lines `{"id", "input", "output": [{"answer"?, "provenance"?: [{wikipedia_id, title}]}]}`.
-    Answers are the distinct output answers; provenance holds one evidence set per output that has one."""
-    path = Path(path)
-
-    def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        outputs = obj.get("output")
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise _Bad("output", f"expected a list of objects, got {outputs!r:.80}")
-        answers: list[str] = []
-        sets: list[tuple[Provenance, ...]] = []
-        for output in outputs:
-            if "answer" in output:
-                if not isinstance(output["answer"], str):
-                    raise _Bad("output.answer", f"expected a string, got {output['answer']!r:.80}")
-                answers.append(output["answer"])
-            if output.get("provenance"):
-                sets.append(_kilt_provenance(output["provenance"]))
-        unique = tuple(dict.fromkeys(answers))
-        return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "input"),
-            targets=unique,
-            answers=unique,
-            position=position,
-            provenance=tuple(dict.fromkeys(sets)) or None,
-        )
-
-    return _stream(path, _lines(path), parse, skip_bad, report)
-
-
-def read_squad_open(
-    path: Path | str, *, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """SQuAD-open questions (`questions.jsonl` `{id, question, answers, pid}`, or its folder). Reserved set."""
-    path = Path(path)
-    path = path / "questions.jsonl" if path.is_dir() else path
-
-    def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        answers = _texts(obj.get("answers"), "answers")
-        pid = obj.get("pid")
-        if not isinstance(pid, int | str):
-            raise _Bad("pid", f"expected a paragraph id, got {pid!r:.80}")
-        return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "question"),
-            targets=answers,
-            answers=answers,
-            position=position,
-            provenance=((Provenance(passage_id=str(pid)),),),
-        )
-
-    return _stream(path, _lines(path), parse, skip_bad, report)
-
-
-def read_nq_gold(
-    path: Path | str, *, skip_bad: bool = False, report: SkipReport | None = None
-) -> Iterator[Example]:
-    """NQ-open with gold passages (`{question, answers, ctxs: [{title, text, isgold}]}`, gzip allowed).
-    Provenance is the gold passage's title. Reserved set."""
-    path = Path(path)
-
-    def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        answers = _texts(obj.get("answers"), "answers")
-        ctxs = obj.get("ctxs")
-        if not isinstance(ctxs, list) or not all(isinstance(c, dict) and "title" in c for c in ctxs):
-            raise _Bad("ctxs", f"expected a list of objects with a title, got {ctxs!r:.80}")
-        gold = tuple(dict.fromkeys(Provenance(title=str(c["title"])) for c in ctxs if c.get("isgold")))
-        return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "question"),
-            targets=answers,
-            answers=answers,
-            position=position,
-            provenance=(gold,) if gold else None,
-        )
-
-    return _stream(path, _lines(path), parse, skip_bad, report)
-
-
-def _red_trivia_file(path: Path) -> Iterator[tuple[int, int, tuple[str, Any]]]:
-    """(position, line, (question, answers node)) from one YAML list, read as raw scalars (no 1.1 typing:
-    an alias `yes` or `1.0` stays a string)."""
-    try:
-        root = yaml.compose(
-            path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        )
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise TaskFormatError(
-            path, mark.line + 1 if mark else None, "yaml", str(err).splitlines()[0]
-        ) from None
-    if not isinstance(root, yaml.MappingNode):
-        raise TaskFormatError(path, 1, "yaml", "expected a mapping of question -> list of answers")
-    position = 0
-    for key, value in root.value:
-        if key.value in ("AUTHOR", "CONFIG", "DESCRIPTION"):
-            continue
-        yield position, key.start_mark.line + 1, (key.value, value)
-        position += 1
-
-
-def read_red_trivia(
-    path: Path | str,
-    *,
-    subsets: Sequence[str] | None = None,
-    skip_bad: bool = False,
-    report: SkipReport | None = None,
-) -> Iterator[Example]:
-    """Red-Trivia YAML lists (`rag.resources.red_trivia_dir()` or one file): question -> answer aliases.
-    Each example keeps its list name in `subset`; `subsets` picks lists by name."""
-    path = Path(path)
-    files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
-    if subsets is not None:
-        missing = set(subsets) - {f.stem for f in files}
-        if missing:
-            raise FileNotFoundError(f"{path}: no Red-Trivia list named {sorted(missing)}")
-        files = [f for f in files if f.stem in set(subsets)]
-    for file in files:
-
-        def parse(position: int, item: tuple[str, Any], subset: str = file.stem) -> Example | None:
-            question, node = item
-            if not question.strip():
-                raise _Bad("question", "empty")
-            if not isinstance(node, yaml.SequenceNode) or not node.value:
-                raise _Bad(question, "expected a non-empty list of answers")
-            if not all(isinstance(a, yaml.ScalarNode) for a in node.value):
-                raise _Bad(question, "expected each answer to be a scalar")
-            # empty aliases ("") occur in the published lists: they name no answer, so they are dropped,
-            # and a question left without answers is filtered out (counted in the report)
-            answers = tuple(a.value.strip() for a in node.value if a.value.strip())
-            if not answers:
-                return None
-            return Example(
-                f"{subset}-{position}", question.strip(), answers, answers, position, subset=subset
-            )
-
-        yield from _stream(file, _red_trivia_file(file), parse, skip_bad, report)
-
-
 # ---------------------------------------------------------------------------------------------------
+# The readers import the machinery above, so they are loaded on first use rather than at import time:
+# that keeps `import rag.task_readers` and `import rag.tasks` working in either order.
 
-READERS: dict[str, Callable[..., Iterator[Example]]] = {
-    "open-qa": read_open_qa,
-    "dpr-qa": read_dpr_qa,
-    "nq-open": read_qa_jsonl,
-    "curatedtrec": read_curatedtrec,
-    "msmarco": read_msmarco,
-    "jeopardy": read_jeopardy,
-    "fever": read_fever,
-    "kilt": read_kilt,
-    "squad-open": read_squad_open,
-    "nq-gold": read_nq_gold,
-    "red-trivia": read_red_trivia,
-}
+__all__ = [
+    "FEVER_2WAY",
+    "FEVER_3WAY",
+    "FEVER_ALL_LABELS",
+    "READERS",
+    "Example",
+    "LabelSet",
+    "Provenance",
+    "SkipReport",
+    "TaskFormatError",
+    "is_reserved",
+    "read_curatedtrec",
+    "read_dpr_qa",
+    "read_fever",
+    "read_jeopardy",
+    "read_kilt",
+    "read_msmarco",
+    "read_nq_gold",
+    "read_open_qa",
+    "read_qa_jsonl",
+    "read_red_trivia",
+    "read_squad_open",
+    "read_task",
+    "split_reserved",
+]
+
+if TYPE_CHECKING:
+    from rag.task_readers import (
+        READERS,
+        read_curatedtrec,
+        read_dpr_qa,
+        read_fever,
+        read_jeopardy,
+        read_kilt,
+        read_msmarco,
+        read_nq_gold,
+        read_open_qa,
+        read_qa_jsonl,
+        read_red_trivia,
+        read_squad_open,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:  # only names not defined above reach here: the readers
+        from rag import task_readers
+
+        return getattr(task_readers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def read_task(fmt: str, path: Path | str, **options: Any) -> list[Example]:
     """All examples of `path` read with the reader named `fmt` (a key of READERS)."""
+    from rag.task_readers import READERS
+
     if fmt not in READERS:
         raise ValueError(f"unknown task format {fmt!r}; known: {', '.join(READERS)}")
     return list(READERS[fmt](path, **options))
