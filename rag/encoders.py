@@ -1,0 +1,268 @@
+"""The two sides of the DPR-style bi-encoder: the query encoder q(x) and the passage encoder d(z).
+
+Both are `Encoder` modules: a transformers model, a pooling rule and an optional L2 normalisation.
+`forward` is a plain differentiable function of token ids (training updates q(x) through it);
+`encode` is the batched, gradient-free path that sorts texts by length to cut padding.
+Loading q(x) and d(z) from the same directory twice gives two independent sets of parameters.
+
+Backends (`EncoderConfig.kind`, "auto" detects from the directory):
+- sentence-transformers: `modules.json` names a Transformer, a Pooling and optionally a Normalize module;
+  we read their configs and load the underlying transformers model ourselves.
+- transformers: any encoder directory (`config.json`), CLS or mean pooling, optional normalisation.
+- dpr-question / dpr-context: `DPRQuestionEncoder` / `DPRContextEncoder` checkpoints (pooler output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rag.config import EncoderConfig
+from rag.resources import resolve_path
+
+Pooling = Literal["cls", "mean", "pooler"]
+_DPR_CLASSES = {"DPRQuestionEncoder": "dpr-question", "DPRContextEncoder": "dpr-context"}
+
+
+def passage_text(title: str, text: str) -> str:
+    """How d(z) sees a passage: "Title. text".
+
+    DPR feeds `title [SEP] text` as a segment pair, but sentence-transformers models such as
+    all-MiniLM-L6-v2 were trained on single segments with token type 0 only, so a plain sentence
+    with the title first keeps the input in the distribution the model knows (and the title still
+    marks later chunks of a long document, whose text no longer names its subject).
+    """
+    title, text = title.strip(), text.strip()
+    if not title:
+        return text
+    if not text:
+        return title
+    return f"{title}. {text}"
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """What a checkpoint directory holds, as far as encoding is concerned."""
+
+    kind: Literal["sentence-transformers", "transformers", "dpr-question", "dpr-context"]
+    model_dir: Path  # the transformers model (a sub-folder for some sentence-transformers dirs)
+    pooling: Pooling
+    normalize: bool
+    max_length: int
+
+
+class Encoder(nn.Module):
+    """A text encoder: transformers model -> pooled (and optionally normalised) vectors (B, D)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        pooling: Pooling = "mean",
+        normalize: bool = False,
+        max_length: int = 256,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean", "pooler"):
+            raise ValueError(f"pooling must be 'cls', 'mean' or 'pooler', not {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = max_length
+        self.encode_dtype = dtype  # bfloat16: `encode` runs under CPU/GPU autocast
+
+    @property
+    def dim(self) -> int:
+        config = self.model.config
+        projection = getattr(config, "projection_dim", 0) or 0
+        return int(projection if self.pooling == "pooler" and projection > 0 else config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B, D) vectors, differentiable."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":
+            pooled = out.pooler_output  # (B, D): DPR's CLS state, projected if projection_dim > 0
+        else:
+            pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        pooled = pooled.float()
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool | Any = False) -> np.ndarray:
+        """(N,) texts -> (N, D) float32 vectors, no gradients, in the order given.
+
+        `progress`: True for a tqdm bar of its own, or an open tqdm bar to advance (a caller's total).
+        """
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad_id = self.tokenizer.pad_token_id or 0
+        bar, own_bar = _progress_bar(len(texts), progress)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), self._autocast():
+                for rows in batches_by_length([len(x) for x in ids], batch_size):
+                    input_ids, mask = pad_batch([ids[r] for r in rows], pad_id)
+                    vectors = self(input_ids.to(self.device), mask.to(self.device))
+                    out[rows] = vectors.float().cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(rows))
+        finally:
+            self.train(was_training)
+            if own_bar:
+                bar.close()
+        return out
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.encode_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.encode_dtype)
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Row batches of texts with similar lengths (longest first), so padding stays small."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Literal["cls", "mean"]) -> torch.Tensor:
+    """(B, T, D) token states, (B, T) mask -> (B, D)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the batch's longest: (B, T) ids and (B, T) mask."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return input_ids, mask
+
+
+def _progress_bar(total: int, progress: bool | Any) -> tuple[Any, bool]:
+    """(bar or None, whether we opened it and must close it)."""
+    if progress is False or progress is None:
+        return None, False
+    if progress is not True:
+        return progress, False
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="encoding", unit="text"), True
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from error
+
+
+def inspect_encoder_dir(config: EncoderConfig) -> EncoderLayout:
+    """Work out the backend, pooling, normalisation and length limit of an encoder directory."""
+    path = resolve_path(config.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"encoder {config.path}: {path} is not a directory")
+    kind = config.kind if config.kind != "auto" else _detect_kind(path)
+    if kind == "sentence-transformers":
+        layout = _sentence_transformers_layout(path)
+    elif kind in ("dpr-question", "dpr-context"):
+        layout = EncoderLayout(kind, path, "pooler", False, 512)
+    else:
+        _read_json(path / "config.json")  # fails clearly if it is not a transformers directory
+        layout = EncoderLayout("transformers", path, "mean", False, 512)
+    pooling = layout.pooling if config.pooling == "auto" else config.pooling
+    if layout.kind.startswith("dpr") and pooling != "pooler":
+        raise ValueError(f"encoder {config.path}: DPR checkpoints use their pooler output, not {pooling}")
+    normalize = layout.normalize if config.normalize is None else config.normalize
+    max_length = min(layout.max_length, config.max_length)
+    return EncoderLayout(layout.kind, layout.model_dir, pooling, normalize, max_length)
+
+
+def _detect_kind(path: Path) -> str:
+    if (path / "modules.json").exists():
+        return "sentence-transformers"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"encoder {path}: neither modules.json nor config.json found")
+    architectures = _read_json(path / "config.json").get("architectures") or []
+    for name in architectures:
+        if name in _DPR_CLASSES:
+            return _DPR_CLASSES[name]
+    return "transformers"
+
+
+def _sentence_transformers_layout(path: Path) -> EncoderLayout:
+    modules = _read_json(path / "modules.json")
+    model_dir, pooling, normalize = None, "cls", False
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        sub = path / module.get("path", "")
+        if kind == "Transformer":
+            model_dir = sub
+        elif kind == "Pooling":
+            pooling = _pooling_mode(_read_json(sub / "config.json"), sub)
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ValueError(f"{path / 'modules.json'}: module type {module.get('type')!r} is not supported")
+    if model_dir is None:
+        raise ValueError(f"{path / 'modules.json'}: no sentence_transformers.models.Transformer module")
+    max_length = 512
+    st_config = model_dir / "sentence_bert_config.json"
+    if st_config.exists():
+        max_length = int(_read_json(st_config).get("max_seq_length") or max_length)
+    return EncoderLayout("sentence-transformers", model_dir, pooling, normalize, max_length)
+
+
+def _pooling_mode(config: dict[str, Any], where: Path) -> Pooling:
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    raise ValueError(f"{where / 'config.json'}: only CLS or mean pooling is supported, got {config}")
+
+
+def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> Encoder:
+    """Load q(x) or d(z); each call builds fresh parameters, even for the same directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    layout = inspect_encoder_dir(config)
+    if layout.kind == "dpr-question":
+        from transformers import DPRQuestionEncoder as model_class
+    elif layout.kind == "dpr-context":
+        from transformers import DPRContextEncoder as model_class
+    else:
+        model_class = AutoModel
+    model = model_class.from_pretrained(layout.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(layout.model_dir)
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    encoder = Encoder(model, tokenizer, layout.pooling, layout.normalize, layout.max_length, dtype)
+    return encoder.to(device).eval()

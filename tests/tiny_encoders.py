@@ -1,0 +1,86 @@
+"""Tiny random encoders saved as real checkpoint folders (BERT, sentence-transformers, DPR).
+
+Every folder is written by transformers' own save_pretrained, so the loaders under test read the
+same files they would read for a released checkpoint. Import in tests as `from tiny_encoders import ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast, DPRConfig
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["the", "capital", "of", "is", "city", "river", "what", "where", "largest", "country"]
+
+
+def vocab() -> list[str]:
+    chars = list(string.ascii_lowercase + string.digits) + list(".,;:!?'\"()-")
+    return SPECIALS + chars + [f"##{c}" for c in string.ascii_lowercase + string.digits] + WORDS
+
+
+def save_tokenizer(path: Path) -> BertTokenizerFast:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab()) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def bert_config(**overrides: int) -> BertConfig:
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    sizes.update(overrides)
+    return BertConfig(vocab_size=len(vocab()), max_position_embeddings=128, **sizes)
+
+
+def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A plain transformers BERT encoder folder (config.json, weights, tokenizer)."""
+    torch.manual_seed(seed)
+    BertModel(bert_config()).eval().save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def tiny_sentence_transformers_dir(
+    path: Path, seed: int = 0, pooling: str = "mean", normalize: bool = True
+) -> Path:
+    """A sentence-transformers folder layout (modules.json, 1_Pooling, optional Normalize) over tiny BERT."""
+    tiny_bert_dir(path, seed)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+    (path / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    pool = {
+        "word_embedding_dimension": 32,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pool), encoding="utf-8")
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}), encoding="utf-8")
+    return path
+
+
+def tiny_dpr_dir(path: Path, side: str = "question", seed: int = 0, projection_dim: int = 0) -> Path:
+    """A DPRQuestionEncoder / DPRContextEncoder folder as transformers saves it."""
+    from transformers import DPRContextEncoder, DPRQuestionEncoder
+
+    torch.manual_seed(seed)
+    base = bert_config().to_dict()
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")  # fmt: skip
+    config = DPRConfig(projection_dim=projection_dim, **{k: base[k] for k in keys})
+    model_class = DPRQuestionEncoder if side == "question" else DPRContextEncoder
+    model_class(config).eval().save_pretrained(path)
+    save_tokenizer(path)
+    return path
