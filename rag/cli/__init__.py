@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("rag.cli.index", "rag.cli.search")
+SUBCOMMANDS = ("rag.cli.index", "rag.cli.search", "rag.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,239 @@
+"""The knowledge base: corpus -> passage store -> d(z) for every passage -> MIPS index, on disk.
+
+A finished knowledge base is one folder:
+    passages.arrow   the passage store (row i = passage i)          rag.store
+    index/           the DenseIndex over d(z), row i = passage i    rag.index
+    meta.json        configs, counts, dim and fingerprint; written last, so its presence marks the
+                     folder complete (the folder itself appears in one rename, rag.io.atomic_dir)
+
+Building is resumable. Work happens in `.{out}.build-{fingerprint}` beside the output folder: the
+passage store first, then the embeddings in shards of `IndexConfig.shard_size` passages, each shard
+saved atomically as soon as it is encoded. A rerun with the same configs and corpus finds the folder
+by its fingerprint and encodes only the missing shards; the folder is removed once the knowledge base
+is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from rag.config import CorpusConfig, EncoderConfig, IndexConfig, from_dict, to_dict
+from rag.corpus import BUILTIN_PREFIX, ReadReport, iter_passages
+from rag.encoders import Encoder, load_encoder, passage_text
+from rag.index import DenseIndex
+from rag.io import atomic_dir, atomic_path, atomic_write_text
+from rag.resources import cache_dir, resolve_path, wiki_summaries_path
+from rag.store import PassageStore, write_passage_store
+
+FORMAT = "rag-knowledge-base"
+VERSION = 1
+META_FILE = "meta.json"
+PASSAGES_FILE = "passages.arrow"
+INDEX_DIR = "index"
+# Seconds to sleep after each shard: lets tests interrupt a build part-way deterministically.
+PAUSE_ENV = "RAG_BUILD_SHARD_PAUSE_S"
+
+
+@dataclass(frozen=True)
+class KnowledgeBaseInfo:
+    path: Path
+    passages: int
+    documents: int
+    skipped_records: int
+    dim: int
+    shards: int
+    shards_reused: int  # shards found finished from an interrupted earlier run
+    seconds: float
+    fingerprint: str
+
+
+class KnowledgeBase(NamedTuple):
+    index: DenseIndex
+    passages: PassageStore
+    meta: dict[str, Any]
+
+
+def _files_signature(path: Path) -> list[tuple[str, int, int]]:
+    """(relative name, size, mtime) of a file or of every file under a folder."""
+    if path.is_file():
+        st = path.stat()
+        return [(path.name, st.st_size, st.st_mtime_ns)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig) -> str:
+    """A hash of the configs and of the corpus and encoder files (names, sizes, mtimes)."""
+    source = wiki_summaries_path() if corpus.source.startswith(BUILTIN_PREFIX) else Path(corpus.source)
+    key = {
+        "version": VERSION,
+        "corpus": to_dict(corpus),
+        "encoder": to_dict(encoder),
+        "index": to_dict(index),
+        "corpus_files": _files_signature(source),
+        "encoder_files": _files_signature(resolve_path(encoder.path)),
+        "passage_text": passage_text("T", "x"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def work_dir_for(out_dir: Path, fp: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.build-{fp[:16]}"
+
+
+def build_knowledge_base(
+    corpus: CorpusConfig,
+    encoder: EncoderConfig,
+    index: IndexConfig,
+    out_dir: Path | str,
+    progress: bool = True,
+    device: str = "cpu",
+) -> KnowledgeBaseInfo:
+    """Build (or finish an interrupted build of) the knowledge base in `out_dir`."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    fp = fingerprint(corpus, encoder, index)
+    work = work_dir_for(out_dir, fp)
+    store, counts = _passage_store(corpus, work)
+    if len(store) == 0:
+        raise ValueError(f"{corpus.source}: the corpus has no passages")
+    d_z = load_encoder(encoder, device)
+    shards, reused = _encode_shards(store, d_z, encoder.batch_size, index.shard_size, work, progress)
+    with atomic_dir(out_dir) as tmp:
+        built = DenseIndex.build_from_shards(shards, index, tmp / INDEX_DIR)
+        _link_or_copy(work / PASSAGES_FILE, tmp / PASSAGES_FILE)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fp,
+            "corpus": to_dict(corpus),
+            "encoder": to_dict(encoder),
+            "index": to_dict(index),
+            "passages": len(store),
+            "documents": counts["documents"],
+            "skipped_records": counts["skipped"],
+            "dim": built.dim,
+            "passage_text": "title. text (rag.encoders.passage_text)",
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        del built  # release the memory map before the folder is renamed
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    shutil.rmtree(work, ignore_errors=True)
+    return KnowledgeBaseInfo(
+        out_dir, len(store), counts["documents"], counts["skipped"], meta["dim"],
+        len(shards), reused, time.perf_counter() - start, fp,
+    )  # fmt: skip
+
+
+def _passage_store(corpus: CorpusConfig, work: Path) -> tuple[PassageStore, dict[str, int]]:
+    """The work folder's passage store, written once; corpus.json marks it finished."""
+    marker = work / "corpus.json"
+    if not marker.exists():
+        report = ReadReport()
+        write_passage_store(iter_passages(corpus, report), work / PASSAGES_FILE)
+        counts = {"documents": report.documents, "skipped": report.skipped, "passages": report.passages}
+        atomic_write_text(marker, json.dumps(counts))
+    counts = json.loads(marker.read_text(encoding="utf-8"))
+    return PassageStore.open(work / PASSAGES_FILE), counts
+
+
+def _encode_shards(
+    store: PassageStore, d_z: Encoder, batch_size: int, shard_size: int, work: Path, progress: bool
+) -> tuple[list[Path], int]:
+    """Encode the store shard by shard into work/shards/NNNNNN.npy; reuse finished shards."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    n = len(store)
+    bounds = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+    paths = [work / "shards" / f"{i:06d}.npy" for i in range(len(bounds))]
+    done = [_shard_ok(p, hi - lo, d_z.dim) for p, (lo, hi) in zip(paths, bounds, strict=True)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        reused_rows = sum(hi - lo for ok, (lo, hi) in zip(done, bounds, strict=True) if ok)
+        bar = tqdm(total=n, initial=reused_rows, desc="encoding passages", unit="passage")
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    try:
+        for path, (lo, hi), ok in zip(paths, bounds, done, strict=True):
+            if ok:
+                continue
+            texts = [passage_text(p.title, p.text) for p in store.get(np.arange(lo, hi))]
+            vectors = d_z.encode(texts, batch_size=batch_size, progress=bar if bar is not None else False)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, vectors)
+            if pause > 0:
+                time.sleep(pause)
+    finally:
+        if bar is not None:
+            bar.close()
+    return paths, sum(done)
+
+
+def _shard_ok(path: Path, rows: int, dim: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return np.load(path, mmap_mode="r").shape == (rows, dim)
+    except (ValueError, OSError):
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link avoids copying a multi-GB store; the work folder's name goes when it is removed.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def open_knowledge_base(path: Path | str) -> KnowledgeBase:
+    """Open a finished knowledge base folder; refuses one without meta.json (an unfinished build)."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no {META_FILE}; not a finished knowledge base (rag index build)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
+    index = DenseIndex.load(path / INDEX_DIR)
+    passages = PassageStore.open(path / PASSAGES_FILE)
+    if not len(index) == len(passages) == meta["passages"]:
+        raise ValueError(
+            f"{path}: {len(index)} index rows, {len(passages)} stored passages, meta.json says {meta['passages']}"
+        )
+    return KnowledgeBase(index, passages, meta)
+
+
+def encoder_config(meta: dict[str, Any]) -> EncoderConfig:
+    """The passage encoder's config recorded in a knowledge base's meta.json."""
+    return from_dict(EncoderConfig, meta["encoder"])
+
+
+def default_knowledge_base(progress: bool = True) -> Path:
+    """The default knowledge base (built-in corpus, default encoder, flat index), built once."""
+    out = cache_dir() / "kb" / "default"
+    corpus, encoder, index = CorpusConfig(), EncoderConfig(), IndexConfig()
+    if (out / META_FILE).is_file():
+        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("fingerprint") == fingerprint(corpus, encoder, index):
+            return out
+    build_knowledge_base(corpus, encoder, index, out, progress=progress)
+    return out
