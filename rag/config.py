@@ -55,6 +55,7 @@ class IndexConfig:
     nprobe: int = 16
     rerank_factor: int = 10  # ivfpq: re-rank k * rerank_factor candidates exactly
     shard_size: int = 4096  # passages per resumable build shard
+    store_dtype: Literal["auto", "float32", "float16"] = "auto"  # stored d(z); auto: float16 for ivfpq
 
 
 @dataclass(frozen=True)
