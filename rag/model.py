@@ -1,0 +1,147 @@
+"""RagModel: query encoder q(x) + retriever over stored d(z) + generator + kind (token | sequence) + k.
+
+The training forward follows the paper (sec 2.4): the passage encoder and the index stay fixed, only
+q(x) and the generator learn. Retrieval runs on a detached q(x) (MIPS over the index cannot carry a
+gradient); the k retrieved scores are then recomputed *in the graph* as q(x) . d(z) from the stored
+passage embeddings, so log p(z|x) = log_softmax of those scores passes gradients to q and never to d.
+
+Shapes: B questions, K passages, T target length, V vocabulary, D embedding dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from rag import marginalize
+from rag.config import DecodingConfig, RagConfig
+from rag.generators import Generator, TargetBatch, load_generator
+
+if TYPE_CHECKING:  # the encoder/retriever modules import torch models only when used
+    from rag.decoding import Generation
+    from rag.encoders import Encoder
+    from rag.retriever import Retrieved, Retriever
+
+Kind = Literal["token", "sequence"]
+
+
+@dataclass(frozen=True)
+class RagOutput:
+    loss: Tensor  # scalar: mean over the batch of the per-example loss (label smoothing included)
+    nll: Tensor  # (B,) -log p(y|x) under the model's kind, no smoothing
+    doc_logprior: Tensor  # (B, K) log p(z|x), in the graph of q(x)
+    passage_logprob: Tensor  # (B, K) log p(y|x,z) = sum_i log p(y_i|x,z,y_<i)
+    retrieved: Retrieved | None  # None when the passages were given (score_passages)
+
+
+@dataclass(frozen=True)
+class RagAnswer:
+    generation: Generation  # decoding's result: sequences, scores, priors and posteriors
+    answers: list[str]  # the best hypothesis of each question, decoded
+    retrieved: Retrieved
+
+
+def doc_scores(query: Tensor, embeddings: Tensor) -> Tensor:
+    """q(x) . d(z) for the retrieved passages: (B, D), (B, K, D) -> (B, K)."""
+    return torch.einsum("bd,bkd->bk", query, embeddings.to(device=query.device, dtype=query.dtype))
+
+
+def _repeat_targets(targets: TargetBatch, k: int) -> TargetBatch:
+    """Target b once per passage: rows b*K + j, the generator's row layout."""
+    rows = torch.arange(targets.ids.shape[0], device=targets.ids.device).repeat_interleave(k)  # (B*K,)
+    return targets.select(rows)
+
+
+class RagModel(nn.Module):
+    def __init__(
+        self, query_encoder: Encoder, retriever: Retriever, generator: Generator, kind: Kind, k: int
+    ) -> None:
+        super().__init__()
+        if kind not in ("token", "sequence"):
+            raise ValueError(f"kind must be 'token' or 'sequence', got {kind!r}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.query_encoder = query_encoder  # a registered submodule: trained
+        self.generator = generator  # a registered submodule: trained
+        self.retriever = retriever  # plain attribute: index and stored d(z) are not parameters
+        self.kind: Kind = kind
+        self.k = k
+
+    @classmethod
+    def from_config(cls, config: RagConfig, device: str | torch.device = "cpu") -> RagModel:
+        """Encoders, the knowledge base (config.index_dir, or the default one) and the generator."""
+        from rag.encoders import load_encoder
+        from rag.knowledge import default_knowledge_base
+        from rag.retriever import Retriever
+
+        query_encoder = load_encoder(config.query_encoder, device)
+        index_dir = config.index_dir or default_knowledge_base()
+        retriever = Retriever.open(index_dir, query_encoder=query_encoder)
+        return cls(query_encoder, retriever, load_generator(config.generator, device), config.kind, config.k)
+
+    def encode_questions(self, questions: list[str]) -> Tensor:
+        """q(x) with gradient: (B, D)."""
+        device = next(self.query_encoder.parameters()).device
+        tokens = {name: t.to(device) for name, t in self.query_encoder.tokenize(questions).items()}
+        return self.query_encoder(tokens["input_ids"], tokens["attention_mask"])
+
+    def forward(self, questions: list[str], targets: list[str], label_smoothing: float = 0.0) -> RagOutput:
+        query = self.encode_questions(questions)  # (B, D), in the graph
+        retrieved = self.retriever.retrieve_vectors(query.detach(), self.k)
+        scores = doc_scores(query, retrieved.embeddings)  # (B, K), in the graph; equals retrieved.scores
+        passages = [
+            list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
+        ]
+        out = self.score_passages(questions, targets, passages, scores, label_smoothing)
+        return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved)
+
+    def score_passages(
+        self,
+        questions: list[str],
+        targets: list[str],
+        passages: list[list[tuple[str, str]]] | None,
+        scores: Tensor | None,
+        label_smoothing: float = 0.0,
+    ) -> RagOutput:
+        """The likelihood of `targets` given passages (title, text) and their scores q(x).d(z) (B, K).
+
+        passages=None is closed book: one row per question and p(z|x) = 1 (scores must be None).
+        All K given passages are used (not self.k), so fixed document scores can be compared with a
+        reference implementation, and k = 1 reduces to the plain generator.
+        """
+        k = 1 if passages is None else len(passages[0])
+        if passages is not None and any(len(p) != k for p in passages):
+            raise ValueError("score_passages: every question needs the same number of passages")
+        if scores is None:
+            if passages is not None:
+                raise ValueError("score_passages: passages need their scores q(x).d(z) (B, K)")
+            scores = torch.zeros(len(questions), 1, device=self.generator.device)
+        gen = self.generator
+        prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
+        batch = gen.encode_targets(targets)  # (B, T)
+        rows = torch.arange(len(questions) * k, device=batch.ids.device)  # (B*K,)
+        logprobs = gen.target_logprobs(prefix, rows, _repeat_targets(batch, k))  # (B*K, T, V)
+        logprobs = logprobs.view(len(questions), k, *logprobs.shape[1:])  # (B, K, T, V)
+        prior = marginalize.doc_logprior(scores.to(logprobs.device))  # (B, K)
+        loss_fn = marginalize.rag_sequence_nll if self.kind == "sequence" else marginalize.rag_token_nll
+        nll = loss_fn(logprobs, prior, batch.ids, batch.mask)  # (B,)
+        loss = loss_fn(logprobs, prior, batch.ids, batch.mask, label_smoothing) if label_smoothing else nll
+        per_passage = marginalize.passage_logprob(logprobs, batch.mask, batch.ids)  # (B, K)
+        return RagOutput(loss.mean(), nll, prior, per_passage, None)
+
+    @torch.no_grad()
+    def generate(self, questions: list[str], config: DecodingConfig | None = None) -> RagAnswer:
+        """Retrieve the top k passages and decode with this model's kind (rag.decoding)."""
+        from rag import decoding
+
+        config = config or DecodingConfig()
+        retrieved = self.retriever.retrieve(questions, self.k)
+        passages = [
+            list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
+        ]
+        generation = decoding.answer(self.generator, questions, passages, retrieved.scores, self.kind, config)
+        answers = [self.generator.decode(hyps[0]) if hyps else "" for hyps in generation.sequences]
+        return RagAnswer(generation, answers, retrieved)
