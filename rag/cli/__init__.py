@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("rag.cli.index", "rag.cli.search", "rag.cli.demo")
+SUBCOMMANDS = ("rag.cli.index", "rag.cli.search", "rag.cli.demo", "rag.cli.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

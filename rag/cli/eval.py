@@ -1,0 +1,154 @@
+"""`rag eval`: a model (or a baseline) on a task's examples; predictions, metrics and a report.
+
+    rag eval --task nq-open --data nq.jsonl -k 1 5 10 --kind token --out runs/nq
+    rag eval --task dpr-qa --data nq-test.qa.csv --checkpoint rag-token-nq/ --index dpr-wiki-kb/ --out runs/p
+    rag eval --task red-trivia --data LISTS_DIR --mode closed-book --out runs/cb
+    rag eval --hotswap-experiment --out runs/hotswap
+
+Each (mode, kind, decoding, k) run is a folder under --out (resumable: re-running skips what is written);
+--out/report.md compares every run folder found there, with the recall@k and metric-vs-k plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model or baseline on a task (predictions, metrics, report)")
+    p.add_argument("--task", help="task format: a rag.tasks reader (nq-open, dpr-qa, squad-open, fever, ...)")
+    p.add_argument("--data", help="the task's data file or folder")
+    p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
+    p.add_argument("--part", choices=["all", "dev", "reserved"], default="all",
+                   help="reserved sets: dev = positions i %% 5 != 4, reserved = i %% 5 == 4 (final figures only)")
+    p.add_argument("--limit", type=int, default=0, help="the first N examples (after --part)")
+    p.add_argument("--mode", choices=["rag", "closed-book", "retrieval-only"], default="rag")
+    p.add_argument("--checkpoint", help="a released RAG checkpoint folder (transformers layout)")
+    p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--query-encoder", help="q(x) path (default: the knowledge base's own encoder)")
+    p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
+    p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
+    p.add_argument("-k", type=int, nargs="+", default=[5], help="passages marginalised; several values = several runs")
+    p.add_argument("--kind", choices=["token", "sequence"], help="RAG-Token or RAG-Sequence (default token)")
+    p.add_argument("--decoding", choices=["thorough", "fast"], default="thorough", help="RAG-Sequence decoding")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--min-new-tokens", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--hotswap-experiment", action="store_true",
+                   help="run the built-in knowledge hot-swap experiment (2x2 table in --out/hotswap.md)")
+    p.add_argument("--questions", type=int, default=40, help="hot-swap experiment: number of questions")
+    p.set_defaults(func=run)
+
+
+def read_examples(args: argparse.Namespace) -> list[Any]:
+    from rag.tasks import read_task, split_reserved
+
+    if not args.task or not args.data:
+        raise ValueError("--task and --data are required (or --hotswap-experiment)")
+    options = {"subsets": args.subset} if args.subset else {}
+    examples = read_task(args.task, Path(args.data), **options)
+    if args.part != "all":
+        examples = split_reserved(examples, args.part)
+    return examples[: args.limit] if args.limit else examples
+
+
+def load_components(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(retriever or None, generator or None, kind) for the chosen mode; hot-swap applied."""
+    from rag.generators import load_generator
+
+    kind = args.kind or "token"
+    query_encoder, generator = None, None
+    if args.checkpoint:
+        from rag.checkpoints import load_rag_checkpoint
+
+        ckpt = load_rag_checkpoint(args.checkpoint, args.device)
+        query_encoder, generator, kind = ckpt.query_encoder, ckpt.generator, args.kind or ckpt.kind
+        if args.mode != "closed-book" and not args.index:
+            raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
+    elif args.mode != "retrieval-only":
+        generator = load_generator(GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig(),
+                                   args.device)
+    if args.mode == "closed-book":
+        return None, generator, kind
+    retriever = _retriever(args, query_encoder)
+    if args.swap_index:
+        from rag.hotswap import swap_index
+        from rag.model import RagModel
+
+        model = RagModel(retriever.query_encoder, retriever, generator, kind, max(args.k))
+        retriever = swap_index(model, args.swap_index).retriever
+    return retriever, generator, kind
+
+
+def _retriever(args: argparse.Namespace, query_encoder: Any) -> Any:
+    from rag.encoders import load_encoder
+    from rag.knowledge import default_knowledge_base
+    from rag.retriever import Retriever
+
+    if query_encoder is None and args.query_encoder:
+        query_encoder = load_encoder(EncoderConfig(path=args.query_encoder), args.device)
+    index = args.index or default_knowledge_base(progress=not args.no_progress)
+    return Retriever.open(index, query_encoder=query_encoder, device=args.device)
+
+
+def run_name(mode: str, kind: str, decoding: str, k: int) -> str:
+    if mode != "rag":
+        return mode
+    return f"rag-{kind}-k{k}" if kind == "token" else f"rag-sequence-{decoding}-k{k}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rag.eval_report import write_report
+    from rag.evaluation import EvalConfig, evaluate, metric_for_task
+
+    out = Path(args.out)
+    if args.hotswap_experiment:
+        return run_hotswap(args, out)
+    if any(k < 1 for k in args.k):
+        raise ValueError(f"-k values must be >= 1, got {args.k}")
+    examples = read_examples(args)
+    if not examples:
+        raise ValueError(f"{args.data}: no examples to evaluate")
+    retriever, generator, kind = load_components(args)
+    decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=args.min_new_tokens, decoding=args.decoding)
+    task = {"format": args.task, "data": str(Path(args.data).resolve()), "part": args.part, "limit": args.limit,
+            "subset": args.subset, "swap_index": args.swap_index}
+    for k in args.k if args.mode == "rag" else args.k[:1]:
+        config = EvalConfig(mode=args.mode, kind=kind, k=k, decoding=decoding, metric=metric_for_task(args.task),
+                            batch_size=args.batch_size, progress=not args.no_progress)
+        result = evaluate(examples, out / run_name(args.mode, kind, args.decoding, k), retriever=retriever,
+                          generator=generator, config=config, task=task)
+        shown = ", ".join(f"{n} {100 * v:.1f}" for n, v in result.metrics.items() if v is not None)
+        recall = ", ".join(f"R@{k} {100 * v:.1f}" for k, v in result.recall.items())
+        print(f"{result.out_dir.name}: n={result.n} {shown} {recall} "
+              f"({result.timing.questions_per_s:.2f} questions/s this call)")
+    runs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    print(f"report: {write_report(runs, out, title=f'rag eval: {args.task} {Path(args.data).name}')}")
+    return 0
+
+
+def run_hotswap(args: argparse.Namespace, out: Path) -> int:
+    from rag.hotswap import hotswap_experiment, hotswap_markdown
+    from rag.io import atomic_write_text
+    from rag.knowledge import default_knowledge_base
+    from rag.model import RagModel
+
+    args.mode = "rag"
+    retriever, generator, kind = load_components(args)
+    model = RagModel(retriever.query_encoder, retriever, generator, kind, args.k[0])
+    base = Path(args.index) if args.index else default_knowledge_base(progress=not args.no_progress)
+    decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, decoding=args.decoding)
+    result = hotswap_experiment(model, base, out, n_questions=args.questions, decoding=decoding)
+    text = hotswap_markdown(result)
+    atomic_write_text(out / "hotswap.md", text)
+    print(text)
+    return 0

@@ -1,0 +1,341 @@
+"""evaluate(): run a model over a task's examples, write predictions, metrics and timings.
+
+One function serves RAG and both baselines of the paper (sec 4):
+- "rag": retrieve the top passages, decode with RAG-Token or RAG-Sequence over the top k;
+- "closed-book": the generator alone, no passage (the paper's BART baseline);
+- "retrieval-only": the top passage is the answer (is an answer in it? DPR's has_answer).
+
+Output folder (resumable: a re-run skips the examples already written):
+    run.json            what was run (a re-run with different settings into the same folder is refused)
+    predictions.jsonl   one JSON object per example, appended and flushed batch by batch: the answer,
+                        the retrieved passage ids, p(z|x) and the posteriors p(z|x,y)
+    metrics.json        written atomically at the end, over every line of predictions.jsonl
+The Markdown report with plots across several runs is `rag.eval_report.write_report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from rag import decoding
+from rag import metrics as MT
+from rag.config import DecodingConfig, to_dict
+from rag.io import atomic_write_text
+from rag.tasks import FEVER_3WAY, Example, LabelSet
+
+Mode = Literal["rag", "closed-book", "retrieval-only"]
+MetricKind = Literal["qa", "generation", "question-generation", "classification"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: Mode = "rag"
+    kind: Literal["token", "sequence"] = "token"
+    k: int = 5  # passages the generator marginalises over
+    recall_ks: tuple[int, ...] = (1, 5, 10, 20)  # retrieval is run to max(recall_ks + (k,))
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(num_beams=1, max_new_tokens=16))
+    metric: MetricKind = "qa"
+    labels: LabelSet = FEVER_3WAY  # metric == "classification": label -> one-token target
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Timing:
+    questions: int  # examples processed by this call (a resumed run counts only the new ones)
+    retrieval_s: float  # query encoding + index search
+    generation_s: float  # generator input building, decoding, scoring
+    total_s: float
+
+    @property
+    def questions_per_s(self) -> float:
+        return self.questions / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    config: EvalConfig
+    n: int  # examples in the predictions file
+    metrics: dict[str, float | None]  # the task metric(s) of the predictions
+    recall: dict[int, float]  # k -> recall@k (empty for closed-book)
+    timing: Timing
+    out_dir: Path
+
+
+def metric_for_task(fmt: str) -> MetricKind:
+    """The paper's metric for a rag.tasks reader name."""
+    return {"fever": "classification", "msmarco": "generation", "jeopardy": "question-generation"}.get(
+        fmt, "qa"
+    )
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+def _retrieval_record(ids: list[str], titles: list[str], scores: list[float], k: int) -> dict[str, Any]:
+    prior = torch.log_softmax(torch.tensor(scores[:k]), dim=0).exp().tolist() if k else []
+    return {
+        "retrieved": [
+            {"id": i, "title": t, "score": round(s, 6)} for i, t, s in zip(ids, titles, scores, strict=True)
+        ],
+        "doc_prior": [round(p, 6) for p in prior],  # p(z|x) over the top k
+    }
+
+
+def _hits(example: Example, texts: list[str], titles: list[str]) -> list[bool]:
+    shown = [f"{t} {x}" for t, x in zip(titles, texts, strict=True)]
+    return MT.passage_hits(example.answers, shown, regex_answers=example.answer_is_regex)
+
+
+def _scores(example: Example, prediction: str, metric: MetricKind) -> dict[str, float | None]:
+    if metric == "classification":
+        return {"accuracy": float(prediction == example.label)}
+    if metric != "qa":
+        return {}  # BLEU/ROUGE are corpus- or sentence-level: computed at the end
+    if example.answer_is_regex:
+        return {"exact_match": MT.regex_match(prediction, example.answers)}
+    return {
+        "exact_match": MT.exact_match(prediction, example.answers),
+        "f1": MT.token_f1(prediction, example.answers),
+    }
+
+
+def _base_record(example: Example, config: EvalConfig) -> dict[str, Any]:
+    return {
+        "id": example.id,
+        "position": example.position,
+        "input": example.input,
+        "answers": list(example.answers),
+        "label": example.label,
+        "mode": config.mode,
+        "kind": config.kind if config.mode == "rag" else None,
+        "k": config.k if config.mode == "rag" else 0,
+    }
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+def _first_logprobs(gen: Any, prefix: Any) -> torch.Tensor:
+    """log p(y_1 | x, z) for every prefix row (R, V), through the generator's decoding interface."""
+    rows = torch.arange(len(prefix), device=gen.device)
+    logprobs, _ = gen.step(gen.start(prefix, rows), None)
+    return logprobs  # (R, V)
+
+
+def _classify(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]] | None,
+              doc_scores: torch.Tensor, config: EvalConfig) -> list[dict[str, Any]]:
+    """The paper's FEVER setting: each label is a one-token target; RAG-Sequence and RAG-Token agree."""
+    from rag.marginalize import class_logprobs
+
+    ids = config.labels.token_ids(lambda t: gen.tokenizer(t, add_special_tokens=False)["input_ids"])
+    label_ids = torch.tensor([ids[t] for t in config.labels.targets], device=gen.device)
+    prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
+    first = _first_logprobs(gen, prefix).view(len(questions), doc_scores.shape[1], -1)  # (B, K, V)
+    prior = torch.log_softmax(doc_scores.float(), dim=1)  # (B, K)
+    probs = class_logprobs(first, prior, label_ids, config.kind).exp()  # (B, C)
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"prediction": config.labels.labels[best], "class_probs": [round(p, 6) for p in row]})
+    return out
+
+
+def _generate(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]] | None,
+              doc_scores: torch.Tensor, config: EvalConfig) -> list[dict[str, Any]]:
+    """Decode one batch; per question the best answer, log p(y|x) and p(z|x,y) over the k passages."""
+    if config.metric == "classification":
+        return _classify(gen, questions, passages, doc_scores, config)
+    kind = config.kind if passages is not None else "token"  # K = 1: both kinds are the generator
+    prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
+    prior = torch.log_softmax(doc_scores.float(), dim=1)  # (B, K)
+    out = decoding.generate(gen, prefix, prior, kind, config.decoding)
+    records = []
+    for b in range(len(questions)):
+        record: dict[str, Any] = {
+            "prediction": gen.decode(out.sequences[b][0]),
+            "logprob": round(float(out.scores[b, 0]), 5),
+        }
+        if passages is not None:
+            record["posterior"] = [round(p, 6) for p in out.doc_logposterior[b, 0].exp().tolist()]
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def _batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
+    for start in range(0, len(examples), size):
+        yield list(examples[start : start + size])
+
+
+def _run_batch(batch: list[Example], retriever: Any, generator: Any, config: EvalConfig,
+               depth: int, clock: dict[str, float]) -> list[dict[str, Any]]:
+    questions = [ex.input for ex in batch]
+    records = [_base_record(ex, config) for ex in batch]
+    passages: list[list[tuple[str, str]]] | None = None
+    doc_scores = torch.zeros(len(batch), 1)
+    if config.mode != "closed-book":
+        started = time.perf_counter()
+        got = retriever.retrieve(questions, depth)
+        clock["retrieval"] += time.perf_counter() - started
+        scores = got.scores.float()
+        for b, (ex, rec) in enumerate(zip(batch, records, strict=True)):
+            rec.update(_retrieval_record(got.ids[b], got.titles[b], scores[b].tolist(), config.k))
+            rec["hits"] = _hits(ex, got.texts[b], got.titles[b])
+        passages = [
+            list(zip(got.titles[b][: config.k], got.texts[b][: config.k], strict=True)) for b in range(len(batch))
+        ]
+        doc_scores = scores[:, : config.k]
+    if config.mode == "retrieval-only":
+        for rec, shown in zip(records, passages or [], strict=True):
+            rec["prediction"] = f"{shown[0][0]}. {shown[0][1]}"  # the top passage is the answer
+            rec["correct"] = float(rec["hits"][0])
+        return records
+    started = time.perf_counter()
+    generated = _generate(generator, questions, passages, doc_scores, config)
+    clock["generation"] += time.perf_counter() - started
+    for ex, rec, gen_rec in zip(batch, records, generated, strict=True):
+        rec.update(gen_rec)
+        rec.update(_scores(ex, rec["prediction"], config.metric))
+    return records
+
+
+def _run_identity(config: EvalConfig, task: dict[str, Any]) -> dict[str, Any]:
+    settings = to_dict(config)
+    settings.pop("progress")
+    settings.pop("batch_size")
+    return {"config": json.loads(json.dumps(settings, default=str)), "task": task}
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a predictions file; a torn last line (an interrupted write) is dropped
+    and cut off the file, so that appending continues on a clean line."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    records = []
+    for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from err
+    return records
+
+
+def _check_run(out_dir: Path, identity: dict[str, Any]) -> None:
+    run_file = out_dir / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        if previous != identity:
+            raise ValueError(
+                f"{out_dir}: holds predictions of a different run (see run.json); use another output "
+                "folder, or delete it to start over"
+            )
+    else:
+        atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
+
+
+def evaluate(
+    examples: Sequence[Example],
+    out_dir: Path | str,
+    *,
+    retriever: Any = None,
+    generator: Any = None,
+    config: EvalConfig = EvalConfig(),
+    task: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Predictions for `examples` (skipping those already in out_dir), then metrics over all of them.
+
+    retriever: anything with retrieve(questions, k) -> rag.retriever.Retrieved (not for closed-book);
+    generator: a rag.generators.Generator (not for retrieval-only). `task` (e.g. the reader and data
+    file) is recorded in run.json so that a resumed run cannot mix two data sets.
+    """
+    if config.mode != "closed-book" and retriever is None:
+        raise ValueError(f"mode {config.mode!r} needs a retriever")
+    if config.mode != "retrieval-only" and generator is None:
+        raise ValueError(f"mode {config.mode!r} needs a generator")
+    if config.k < 1:
+        raise ValueError(f"k must be >= 1, got {config.k}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run(out_dir, _run_identity(config, task or {}))
+    path = out_dir / "predictions.jsonl"
+    done = {r["id"] for r in read_predictions(path)}
+    todo = [ex for ex in examples if ex.id not in done]
+    depth = max((*config.recall_ks, config.k))
+    if retriever is not None:  # a small knowledge base: recall@k only for the k it can answer
+        size = len(retriever.index)
+        if config.mode == "rag" and config.k > size:
+            raise ValueError(f"k = {config.k} exceeds the {size} passages of the knowledge base")
+        depth = min(depth, size)
+    clock = {"retrieval": 0.0, "generation": 0.0}
+    started = time.perf_counter()
+    with open(path, "a", encoding="utf-8") as sink, tqdm(
+        total=len(examples), initial=len(examples) - len(todo), disable=not config.progress, unit="q",
+        desc=f"eval {config.mode}" + (f" {config.kind} k={config.k}" if config.mode == "rag" else ""),
+    ) as bar:
+        for batch in _batches(todo, config.batch_size):
+            for record in _run_batch(batch, retriever, generator, config, depth, clock):
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+            bar.update(len(batch))
+    timing = Timing(len(todo), clock["retrieval"], clock["generation"], time.perf_counter() - started)
+    return finish(out_dir, config, timing)
+
+
+def finish(out_dir: Path, config: EvalConfig, timing: Timing) -> EvalResult:
+    """Score the predictions file and write metrics.json atomically."""
+    records = read_predictions(out_dir / "predictions.jsonl")
+    if not records:
+        raise ValueError(f"{out_dir}: no predictions to score")
+    scores = score_records(records, config)
+    recall: dict[int, float] = {}
+    if config.mode != "closed-book":
+        ks = [k for k in config.recall_ks if all(len(r["hits"]) >= k for r in records)]
+        recall = MT.recall_at_k([r["hits"] for r in records], ks)
+    result = EvalResult(config, len(records), scores, recall, timing, out_dir)
+    payload = {
+        "n": result.n,
+        "metrics": scores,
+        "recall_at_k": {str(k): v for k, v in recall.items()},
+        "timing": {**dataclasses.asdict(timing), "questions_per_s": timing.questions_per_s},
+        "config": _run_identity(config, {})["config"],
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, sort_keys=True))
+    return result
+
+
+def score_records(records: list[dict[str, Any]], config: EvalConfig) -> dict[str, float | None]:
+    """The task metric over prediction records (mean of per-example scores, or corpus-level)."""
+    if config.mode == "retrieval-only":
+        return {"answer_in_top_passage": _mean([r["correct"] for r in records])}
+    if config.metric in ("qa", "classification"):
+        names = ("accuracy",) if config.metric == "classification" else ("exact_match", "f1")
+        return {name: _mean([r.get(name) for r in records]) for name in names}
+    scores = MT.score_generation(
+        [r["prediction"] for r in records],
+        [r["answers"] for r in records],
+        question_generation=config.metric == "question-generation",
+    )
+    return {"bleu1": scores.bleu1, "rouge_l": scores.rouge_l, "qbleu1": scores.qbleu1}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None

@@ -1,0 +1,202 @@
+"""evaluate() and `rag eval` on a tiny real knowledge base (tiny BERT d(z)/q(x), flat index, passage
+store built by rag.knowledge) with a tiny random BART. Expected values come from other paths: brute-force
+inner products over every stored vector, RagModel.generate, a plain greedy loop over the transformers
+model, substring checks written out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_generators import tiny_bart, word_tokenizer
+from transformers import BertConfig, BertModel
+
+from rag.cli import main
+from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, IndexConfig
+from rag.eval_report import write_report
+from rag.evaluation import EvalConfig, evaluate, read_predictions
+from rag.knowledge import build_knowledge_base
+from rag.model import RagModel
+from rag.retriever import Retriever
+from rag.tasks import Example, LabelSet
+
+DOCS = [
+    ("angola", "luanda is the capital city of angola in africa"),
+    ("france", "paris is the capital city of france in europe"),
+    ("germany", "berlin is the capital city of germany"),
+    ("portugal", "lisbon is the capital of portugal"),
+    ("river", "the largest river in africa"),
+    ("book", "the book was born in the year one"),
+]
+QUESTIONS = ["what is the capital of angola ?", "what is the capital of france ?",
+             "where is berlin ?", "what is the largest river ?"]
+ANSWERS = [("luanda",), ("paris",), ("germany",), ("nile",)]
+DECODING = DecodingConfig(num_beams=1, max_new_tokens=6)
+
+
+def _examples(answers=ANSWERS) -> list[Example]:
+    return [Example(f"q{i}", q, a, a, i) for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))]
+
+
+def _encoder_dir(path):
+    """A word-level BERT folder; a wide initialisation keeps the random vectors of different texts apart."""
+    tokenizer = word_tokenizer(["<pad>", "<unk>"])
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, initializer_range=1.0)
+    BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-kb")
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in DOCS), encoding="utf-8")
+    encoder = _encoder_dir(root / "encoder")
+    build_knowledge_base(CorpusConfig(source=str(corpus), format="jsonl"), EncoderConfig(path=str(encoder)),
+                         IndexConfig(), root / "kb", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def retriever(kb):
+    return Retriever.open(kb / "kb")
+
+
+def _config(**changes) -> EvalConfig:
+    return EvalConfig(**{"k": 2, "recall_ks": (1, 3, 6), "decoding": DECODING, "progress": False, **changes})
+
+
+def test_rag_records_hold_brute_force_retrieval_and_the_model_answers(retriever, tmp_path):
+    gen = tiny_bart(seed=1)
+    result = evaluate(_examples(), tmp_path, retriever=retriever, generator=gen, config=_config())
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert [r["id"] for r in records] == ["q0", "q1", "q2", "q3"] and result.n == 4
+
+    stored = retriever.index.embeddings(np.arange(len(retriever.index)))  # (N, D) every stored d(z)
+    scores = retriever.query_encoder.encode(QUESTIONS) @ stored.T  # (B, N)
+    model = RagModel(retriever.query_encoder, retriever, gen, "token", 2)
+    answers = model.generate(QUESTIONS, DECODING).answers
+    for b, record in enumerate(records):
+        order = np.argsort(-scores[b], kind="stable")
+        assert [p["id"] for p in record["retrieved"]] == [retriever.passages[int(r)].id for r in order]
+        top2 = torch.tensor(scores[b, order[:2]])
+        np.testing.assert_allclose(record["doc_prior"], torch.softmax(top2, 0).numpy(), atol=1e-5)
+        assert record["prediction"] == answers[b]
+        assert sum(record["posterior"]) == pytest.approx(1.0, abs=1e-4)
+        assert len(record["hits"]) == 6
+
+
+def test_retrieval_only_recall_and_exact_match_against_hand_checks(retriever, tmp_path):
+    result = evaluate(_examples(), tmp_path / "ret", retriever=retriever, config=_config(mode="retrieval-only"))
+    records = read_predictions(tmp_path / "ret" / "predictions.jsonl")
+    ranked = {r["id"]: [dict(DOCS)[p["title"]] for p in r["retrieved"]] for r in records}
+    hand = [[any(a in text.split() or a == title for a in ANSWERS[i]) for title, text in
+             zip([p["title"] for p in records[i]["retrieved"]], ranked[f"q{i}"], strict=True)] for i in range(4)]
+    for k in (1, 3, 6):
+        assert result.recall[k] == sum(any(h[:k]) for h in hand) / 4
+    assert result.recall[6] == 0.75  # "nile" is in no passage
+    assert result.metrics["answer_in_top_passage"] == result.recall[1]
+
+    gen = tiny_bart(seed=1)
+    predicted = RagModel(retriever.query_encoder, retriever, gen, "token", 2).generate(QUESTIONS, DECODING).answers
+    # two examples whose answer is what the model says, two whose answer it cannot say: EM = 1/2
+    answers = [(predicted[0],), (predicted[1],), ("zzzz",), ("qqqq",)]
+    scored = evaluate(_examples(answers), tmp_path / "em", retriever=retriever, generator=gen, config=_config())
+    assert scored.metrics["exact_match"] == 0.5
+
+
+def test_resumed_run_skips_written_examples_and_drops_a_torn_line(retriever, tmp_path):
+    gen = tiny_bart(seed=2)
+    full = tmp_path / "full"
+    evaluate(_examples(), full, retriever=retriever, generator=gen, config=_config())
+    part = tmp_path / "part"
+    evaluate(_examples()[:2], part, retriever=retriever, generator=gen, config=_config())
+    with open(part / "predictions.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "q2", "predic')  # an interrupted write
+    resumed = evaluate(_examples(), part, retriever=retriever, generator=gen, config=_config())
+    assert resumed.timing.questions == 2
+    assert read_predictions(part / "predictions.jsonl") == read_predictions(full / "predictions.jsonl")
+    assert json.loads((part / "metrics.json").read_text())["n"] == 4
+    with pytest.raises(ValueError, match="different run"):
+        evaluate(_examples(), part, retriever=retriever, generator=gen, config=_config(k=1))
+
+
+@torch.no_grad()
+def test_closed_book_is_plain_greedy_decoding_without_passages(tmp_path):
+    gen = tiny_bart(seed=3)
+    evaluate(_examples(), tmp_path, generator=gen, config=_config(mode="closed-book"))
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert all("retrieved" not in r and r["k"] == 0 for r in records)
+    for question, record in zip(QUESTIONS, records, strict=True):
+        ids = gen.tokenizer(question, return_tensors="pt")["input_ids"]
+        out = [gen.decoder_start_token_id]
+        for step in range(DECODING.max_new_tokens):  # full forward each step, no cache
+            logits = gen.model(input_ids=ids, decoder_input_ids=torch.tensor([out])).logits[0, -1]
+            if step == 0:
+                logits[gen.eos_token_id] = -float("inf")  # min_new_tokens = 1
+            out.append(int(logits.argmax()))
+            if out[-1] == gen.eos_token_id:
+                break
+        assert record["prediction"] == gen.decode(out[1:])
+
+
+@torch.no_grad()
+def test_classification_with_one_passage_is_the_softmax_over_label_tokens(retriever, tmp_path):
+    gen = tiny_bart(seed=4)
+    labels = LabelSet(("SUPPORTS", "REFUTES"), ("true", "false"))
+    claims = [Example("c0", "paris is the capital of france", ("true",), ("true",), 0, label="SUPPORTS"),
+              Example("c1", "berlin is a river", ("false",), ("false",), 1, label="REFUTES")]
+    config = _config(k=1, metric="classification", labels=labels)
+    result = evaluate(claims, tmp_path, retriever=retriever, generator=gen, config=config)
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    label_ids = [gen.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in labels.targets]
+    hits = 0
+    for claim, record in zip(claims, records, strict=True):
+        top = record["retrieved"][0]["title"]
+        text = gen.format_inputs([claim.input], [[(top, dict(DOCS)[top])]]).texts[0]
+        ids = gen.tokenizer(text, return_tensors="pt")["input_ids"]
+        logits = gen.model(input_ids=ids, decoder_input_ids=torch.tensor([[gen.decoder_start_token_id]])).logits
+        want = torch.softmax(logits[0, -1, label_ids], 0)
+        np.testing.assert_allclose(record["class_probs"], want.numpy(), atol=1e-5)
+        predicted = labels.labels[int(want.argmax())]
+        assert record["prediction"] == predicted
+        hits += predicted == claim.label
+    assert result.metrics["accuracy"] == hits / 2
+
+
+def test_report_has_tables_and_png_plots(retriever, tmp_path):
+    gen = tiny_bart(seed=5)
+    runs = []
+    for k in (1, 2):
+        runs.append(tmp_path / f"k{k}")
+        evaluate(_examples(), runs[-1], retriever=retriever, generator=gen, config=_config(k=k))
+    runs.append(tmp_path / "cb")
+    evaluate(_examples(), runs[-1], generator=gen, config=_config(mode="closed-book"))
+    path = write_report(runs, tmp_path, title="tiny")
+    text = path.read_text()
+    assert "recall@1" in text and "RAG-Token" in text and "closed-book" in text
+    for png in ("recall_at_k.png", "metric_vs_k.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_eval_runs_each_k_and_writes_the_report(kb, tmp_path):
+    gen = tiny_bart(seed=6)
+    gen.model.save_pretrained(tmp_path / "gen")
+    gen.tokenizer.save_pretrained(tmp_path / "gen")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": list(a)}) + "\n"
+                            for q, a in zip(QUESTIONS, ANSWERS, strict=True)), encoding="utf-8")
+    common = ["eval", "--task", "nq-open", "--data", str(data), "--index", str(kb / "kb"),
+              "--out", str(tmp_path / "out"), "--no-progress", "--max-new-tokens", "4"]
+    assert main([*common, "--generator", str(tmp_path / "gen"), "-k", "1", "2"]) == 0
+    assert main([*common, "--mode", "retrieval-only"]) == 0
+    for run in ("rag-token-k1", "rag-token-k2", "retrieval-only"):
+        assert len(read_predictions(tmp_path / "out" / run / "predictions.jsonl")) == 4
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.count("| RAG-Token |") == 2 and "retrieval-only" in report
+    assert main([*common, "--generator", str(tmp_path / "gen"), "--swap-index", str(tmp_path / "nowhere")]) == 2
