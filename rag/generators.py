@@ -163,6 +163,15 @@ class Generator(nn.Module):
     def _target_text(self, text: str) -> str:
         return text
 
+    @staticmethod
+    def _check_passages(questions: list[str], passages: list[list[tuple[str, str]]] | None) -> None:
+        if passages is None:
+            return
+        if len(passages) != len(questions):
+            raise ValueError(f"format_inputs: {len(questions)} questions but {len(passages)} passage lists")
+        if len({len(p) for p in passages}) > 1 or (passages and not passages[0]):
+            raise ValueError("format_inputs: every question needs the same number K >= 1 of passages")
+
     def encode_targets(self, targets: list[str]) -> TargetBatch:
         limit = self.generator_config.max_target_tokens - 1
         seqs = [
@@ -181,14 +190,14 @@ class Generator(nn.Module):
     def decode(self, ids: list[int] | Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _tokenize(self, texts: list[str], padding_side: str) -> GeneratorInputs:
+    def _tokenize(self, texts: list[str]) -> GeneratorInputs:
+        # Right padding and right truncation, as transformers' RagRetriever tokenises the encoder input.
         enc = self.tokenizer(
             texts,
             padding=True,
             truncation=True,
             max_length=self.generator_config.max_input_tokens,
-            padding_side=padding_side,
-            add_special_tokens=self.family == "seq2seq",
+            padding_side="right",
             return_tensors="pt",
         )
         return GeneratorInputs(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), texts)
@@ -217,13 +226,14 @@ class Seq2SeqGenerator(Generator):
     def format_inputs(
         self, questions: list[str], passages: list[list[tuple[str, str]]] | None
     ) -> GeneratorInputs:
+        self._check_passages(questions, passages)
         if passages is None:
             texts = [self.format_text(q, None, None) for q in questions]
         else:
             texts = [
                 self.format_text(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
             ]
-        return self._tokenize(texts, "right")
+        return self._tokenize(texts)
 
     def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
         encoder = self.model.get_encoder()
@@ -324,23 +334,40 @@ class CausalGenerator(Generator):
         """Shorten the passage (never the question or template) so the prompt fits max_input_tokens."""
         limit = self.generator_config.max_input_tokens
         prompt = self.format_text(question, title, text)
-        excess = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - limit
+        excess = len(self._ids(prompt)) - limit
         if excess <= 0:
             return prompt
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         short = self.tokenizer.decode(ids[: max(len(ids) - excess - 2, 0)])
         return self.format_text(question, title, short)
 
+    def _ids(self, prompt: str) -> list[int]:
+        # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
+        return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
+
+    def _tokenize(self, texts: list[str]) -> GeneratorInputs:
+        """Left padding, so every prompt ends in the last column; too long a prompt loses its start."""
+        limit = self.generator_config.max_input_tokens
+        seqs = [self._ids(t)[-limit:] for t in texts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        return GeneratorInputs(ids.to(self.device), mask.to(self.device), texts)
+
     def format_inputs(
         self, questions: list[str], passages: list[list[tuple[str, str]]] | None
     ) -> GeneratorInputs:
+        self._check_passages(questions, passages)
         if passages is None:
             texts = [self.format_text(q, None, None) for q in questions]
         else:
             texts = [
                 self._fit_passage(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
             ]
-        return self._tokenize(texts, "left")
+        return self._tokenize(texts)
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache):
         return self.model(

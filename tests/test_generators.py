@@ -133,6 +133,13 @@ def test_closed_book_and_truncated_prompts():
     assert inputs.input_ids.shape[1] <= gen.generator_config.max_input_tokens
     # The passage is cut, never the question or the generation prompt at the end.
     assert inputs.texts[0].endswith(QUESTIONS[0] + "<|im_end|> <|im_start|>assistant ")
+    # A question too long by itself: the prompt keeps its end (the question's end and the turn marker).
+    huge = " ".join(["the capital of angola"] * 40) + " ?"
+    cut = gen.format_inputs([huge], None)
+    full = gen.tokenizer(cut.texts[0], add_special_tokens=False)["input_ids"]
+    assert cut.input_ids[0].tolist() == full[-gen.generator_config.max_input_tokens :]
+    with pytest.raises(ValueError, match="same number"):
+        gen.format_inputs(QUESTIONS, [PASSAGES[0], PASSAGES[1][:1]])
     # Left padding: every prompt ends in the last column, where the target starts.
     mixed = gen.format_inputs(QUESTIONS, PASSAGES)
     assert bool(mixed.attention_mask[:, -1].all()) and not bool(mixed.attention_mask[:, 0].all())
