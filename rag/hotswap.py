@@ -1,0 +1,261 @@
+"""Knowledge hot-swap (the paper's sec 4.5): replace the index under a loaded model, no retraining.
+
+Two parts:
+- `swap_index(model, knowledge)`: a new RagModel that shares the query encoder and generator of
+  `model` (same modules, same weights) but retrieves from another knowledge base. Configs and models
+  are never mutated; the swapped model is a new object.
+- The built-in experiment: the default Wikipedia summaries (facts A) and a copy in which the capitals
+  of a few dozen countries are permuted among themselves, consistently in every passage that names
+  them (facts B). Questions are Red-Trivia's "What is the capital of X?" for those countries. The
+  2x2 table (index A/B x facts A/B, % of answers that name each version's capital) shows the answers
+  follow the index that is plugged in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rag.config import DecodingConfig, IndexConfig, from_dict
+from rag.io import atomic_path
+from rag.tasks import Example
+
+if TYPE_CHECKING:
+    from rag.model import RagModel
+    from rag.retriever import Retriever
+
+CAPITAL_QUESTION = re.compile(r"What is the capital of (.+)\?")
+
+
+@dataclass(frozen=True)
+class ChangedFact:
+    """One fact that differs between the two knowledge bases."""
+
+    subject: str  # the country (a summary title)
+    question: str
+    fact_a: str  # the capital in the original summaries
+    fact_b: str  # the capital the modified copy gives it
+
+
+def _word(name: str) -> re.Pattern[str]:
+    return re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)")
+
+
+def capital_facts(
+    summaries: Mapping[str, Mapping[str, str]], questions: Sequence[Example], limit: int = 40
+) -> list[ChangedFact]:
+    """Pick countries whose summary names their capital, and give each another country's capital.
+
+    A country qualifies when the question is "What is the capital of X?", X has a summary whose text
+    names the capital (the first listed answer), the capital is not X's own name, and at most one other
+    summary (usually the city's own article) names the capital, so the rewrite touches few passages.
+    The chosen capitals are permuted by a cyclic shift: every fact B is a real capital (plausible) and
+    differs from fact A; the permutation keeps city names unique in the modified copy.
+    """
+    texts = {title: entry["extract"] for title, entry in summaries.items()}
+    chosen: list[tuple[str, str, str]] = []
+    for example in questions:
+        match = CAPITAL_QUESTION.fullmatch(example.input)
+        if match is None or match.group(1) not in texts:
+            continue
+        country, capital = match.group(1), example.answers[0]
+        pattern = _word(capital)
+        if capital == country or not pattern.search(texts[country]):
+            continue
+        if sum(1 for title, text in texts.items() if title != country and pattern.search(text)) > 1:
+            continue
+        chosen.append((country, example.input, capital))
+        if len(chosen) == limit:
+            break
+    if len(chosen) < 2:
+        raise ValueError(f"only {len(chosen)} capital question(s) qualify; need at least 2 to permute")
+    capitals = [capital for _, _, capital in chosen]
+    facts = [
+        ChangedFact(country, question, capital, capitals[(i + 1) % len(capitals)])
+        for i, (country, question, capital) in enumerate(chosen)
+    ]
+    # a fact B already named in the country's original text would make "matches B" ambiguous
+    return [f for f in facts if not _word(f.fact_b).search(texts[f.subject])]
+
+
+def rewrite_text(text: str, facts: Sequence[ChangedFact]) -> str:
+    """Replace every capital of `facts` by its fact B in one pass (a permutation cannot chain)."""
+    if not facts:
+        return text
+    mapping = {f.fact_a: f.fact_b for f in facts}
+    names = sorted(mapping, key=len, reverse=True)  # longest first: "Kuwait City" before "Kuwait"
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+    return pattern.sub(lambda m: mapping[m.group(1)], text)
+
+
+def rewrite_summaries(
+    summaries: Mapping[str, Mapping[str, str]], facts: Sequence[ChangedFact]
+) -> dict[str, dict[str, str]]:
+    """A copy of the summaries where the facts' capitals are permuted in every title and text."""
+    out: dict[str, dict[str, str]] = {}
+    for key, entry in summaries.items():
+        new = dict(entry)
+        new["title"] = rewrite_text(entry.get("title", key), facts)
+        new["extract"] = rewrite_text(entry["extract"], facts)
+        out[key] = new
+    return out
+
+
+def write_corpus_jsonl(summaries: Mapping[str, Mapping[str, str]], path: Path) -> int:
+    """The summaries as a JSON Lines corpus ({title, text}, same order as the built-in reader)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for key, entry in summaries.items():
+            f.write(json.dumps({"title": entry.get("title", key), "text": entry["extract"]}) + "\n")
+    return len(summaries)
+
+
+# ------------------------------------------------------------------------------ swapping the index
+
+
+def swap_index(model: RagModel, knowledge: Path | str | Retriever) -> RagModel:
+    """A RagModel that retrieves from `knowledge` (a knowledge base folder or a Retriever) and shares
+    everything else with `model`: the same query encoder and generator modules, kind and k. The
+    knowledge base must have been encoded by a passage encoder that matches the query encoder's space
+    (the paper swaps indexes built with the same d(z)); its dimension is checked."""
+    from rag.model import RagModel
+    from rag.retriever import Retriever
+
+    if not isinstance(knowledge, Retriever):
+        knowledge = Retriever.open(knowledge, query_encoder=model.query_encoder)
+    elif knowledge.query_encoder is not model.query_encoder:
+        knowledge = Retriever(knowledge.index, knowledge.passages, model.query_encoder)
+    return RagModel(model.query_encoder, knowledge, model.generator, model.kind, model.k)
+
+
+def derive_knowledge_base(
+    base_dir: Path | str, facts: Sequence[ChangedFact], out_dir: Path | str, device: str = "cpu"
+) -> Path:
+    """A copy of the knowledge base `base_dir` whose passages state facts B instead of facts A.
+
+    Passages are rewritten in place (rewrite_text); only those that changed are re-encoded with the
+    base's own passage encoder d(z), the others keep their stored vectors, so the copy equals a full
+    rebuild of the rewritten passages. Changed passages get the id suffix "~b". Written atomically in
+    the knowledge base layout (rag.knowledge), so Retriever.open and `rag eval --index` read it.
+    """
+    from rag.corpus import Passage
+    from rag.encoders import load_encoder, passage_text
+    from rag.index import DenseIndex
+    from rag.io import atomic_dir, atomic_write_text
+    from rag.knowledge import INDEX_DIR, META_FILE, PASSAGES_FILE, encoder_config, open_knowledge_base
+    from rag.store import write_passage_store
+
+    base = open_knowledge_base(base_dir)
+    rows = np.arange(len(base.passages))
+    passages, changed = [], []
+    for row, p in zip(rows.tolist(), base.passages.get(rows), strict=True):
+        title, text = rewrite_text(p.title, facts), rewrite_text(p.text, facts)
+        if (title, text) != (p.title, p.text):
+            changed.append(row)
+            p = Passage(p.id + "~b", title, text)
+        passages.append(p)
+    vectors = base.index.embeddings(rows).astype(np.float32)  # (N, D)
+    if changed:
+        d_z = load_encoder(encoder_config(base.meta), device)
+        vectors[changed] = d_z.encode([passage_text(passages[r].title, passages[r].text) for r in changed])
+    config = from_dict(IndexConfig, base.meta["index"])
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        DenseIndex.build(vectors, config).save(tmp / INDEX_DIR)
+        write_passage_store(passages, tmp / PASSAGES_FILE)
+        meta = dict(base.meta, fingerprint=f"{base.meta['fingerprint']}+facts-b", derived_from=str(base_dir),
+                    changed_passages=len(changed), changed_facts=[dataclasses.asdict(f) for f in facts])
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    return out_dir
+
+
+# ------------------------------------------------------------------------------ the 2x2 experiment
+
+
+@dataclass(frozen=True)
+class HotSwapResult:
+    facts: list[ChangedFact]
+    answers: dict[str, list[str]]  # index name ("A", "B") -> the answer to each fact's question
+    table: dict[str, dict[str, float]]  # index name -> facts name -> fraction of answers naming that fact
+    top_passage: dict[str, dict[str, float]]  # the same for the top retrieved passage (retrieval alone)
+    seconds: float
+
+
+def _matches(texts: Sequence[str], facts: Sequence[ChangedFact], which: str) -> float:
+    from rag.metrics import has_answer
+
+    names = [f.fact_a if which == "A" else f.fact_b for f in facts]
+    return sum(has_answer([n], t) for n, t in zip(names, texts, strict=True)) / len(facts)
+
+
+def run_hotswap(
+    model: RagModel, indexes: Mapping[str, Path | str], facts: Sequence[ChangedFact],
+    decoding: DecodingConfig, batch_size: int = 8,
+) -> HotSwapResult:
+    """Ask every fact's question with each index swapped under the same model; tabulate which facts the
+    answers (and the top passages) state."""
+    started = time.perf_counter()
+    questions = [f.question for f in facts]
+    answers: dict[str, list[str]] = {}
+    table: dict[str, dict[str, float]] = {}
+    top: dict[str, dict[str, float]] = {}
+    for name, index_dir in indexes.items():
+        swapped = swap_index(model, index_dir)
+        got, tops = [], []
+        for start in range(0, len(questions), batch_size):
+            out = swapped.generate(questions[start : start + batch_size], decoding)
+            got += out.answers
+            tops += [f"{t[0]}. {x[0]}" for t, x in zip(out.retrieved.titles, out.retrieved.texts, strict=True)]
+        answers[name] = got
+        table[name] = {which: _matches(got, facts, which) for which in ("A", "B")}
+        top[name] = {which: _matches(tops, facts, which) for which in ("A", "B")}
+    return HotSwapResult(list(facts), answers, table, top, time.perf_counter() - started)
+
+
+def hotswap_markdown(result: HotSwapResult) -> str:
+    """The paper's 2x2 table (rows: index plugged in; columns: whose facts the answers state)."""
+    n = len(result.facts)
+    lines = [
+        "| index plugged in | answers stating facts A (%) | answers stating facts B (%) | top passage states A / B (%) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in result.table.items():
+        t = result.top_passage[name]
+        lines.append(
+            f"| {name} | {100 * row['A']:.1f} | {100 * row['B']:.1f} | {100 * t['A']:.1f} / {100 * t['B']:.1f} |"
+        )
+    lines += ["", f"{n} questions; {result.seconds:.0f} s for both indexes.", ""]
+    lines += ["| question | fact A | fact B | answer with index A | answer with index B |", "|---|---|---|---|---|"]
+    for i, f in enumerate(result.facts[:10]):
+        lines.append(
+            f"| {f.question} | {f.fact_a} | {f.fact_b} | {result.answers['A'][i]} | {result.answers['B'][i]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def hotswap_experiment(
+    model: RagModel, base_dir: Path | str, work_dir: Path | str, n_questions: int = 40,
+    decoding: DecodingConfig | None = None,
+) -> HotSwapResult:
+    """The built-in experiment on the packaged data: facts from the Wikipedia summaries and Red-Trivia's
+    world capitals; index B derived from `base_dir` (cached in work_dir, rebuilt if the facts change)."""
+    from rag.resources import red_trivia_dir, wiki_summaries_path
+    from rag.tasks import read_task
+
+    summaries = json.loads(wiki_summaries_path().read_text(encoding="utf-8"))
+    questions = read_task("red-trivia", red_trivia_dir(), subsets=["worldcapitals"])
+    facts = capital_facts(summaries, questions, limit=n_questions)
+    swapped_dir = Path(work_dir) / "index-facts-b"
+    meta = swapped_dir / "meta.json"
+    wanted = [dataclasses.asdict(f) for f in facts]
+    if not meta.is_file() or json.loads(meta.read_text(encoding="utf-8")).get("changed_facts") != wanted:
+        derive_knowledge_base(base_dir, facts, swapped_dir, device=str(model.generator.device))
+    decoding = decoding or DecodingConfig(num_beams=1, max_new_tokens=12)
+    return run_hotswap(model, {"A": base_dir, "B": swapped_dir}, facts, decoding)
