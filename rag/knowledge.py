@@ -62,13 +62,13 @@ class KnowledgeBase(NamedTuple):
     meta: dict[str, Any]
 
 
-def _files_signature(path: Path) -> list[tuple[str, int, int]]:
+def _files_signature(path: Path, what: str) -> list[tuple[str, int, int]]:
     """(relative name, size, mtime) of a file or of every file under a folder."""
     if path.is_file():
         st = path.stat()
         return [(path.name, st.st_size, st.st_mtime_ns)]
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     return [
         (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(path.rglob("*"))
@@ -84,8 +84,8 @@ def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig
         "corpus": to_dict(corpus),
         "encoder": to_dict(encoder),
         "index": to_dict(index),
-        "corpus_files": _files_signature(source),
-        "encoder_files": _files_signature(resolve_path(encoder.path)),
+        "corpus_files": _files_signature(source, "corpus"),
+        "encoder_files": _files_signature(resolve_path(encoder.path), "encoder"),
         "passage_text": passage_text("T", "x"),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -144,7 +144,11 @@ def _passage_store(corpus: CorpusConfig, work: Path) -> tuple[PassageStore, dict
     marker = work / "corpus.json"
     if not marker.exists():
         report = ReadReport()
-        write_passage_store(iter_passages(corpus, report), work / PASSAGES_FILE)
+        try:
+            write_passage_store(iter_passages(corpus, report), work / PASSAGES_FILE)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming yet: leave no trace
+            raise
         counts = {"documents": report.documents, "skipped": report.skipped, "passages": report.passages}
         atomic_write_text(marker, json.dumps(counts))
     counts = json.loads(marker.read_text(encoding="utf-8"))

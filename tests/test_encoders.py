@@ -39,6 +39,7 @@ def _one_by_one(encoder: Encoder, texts: list[str]) -> np.ndarray:
 def test_forward_is_differentiable(bert_dir):
     encoder = load_encoder(EncoderConfig(path=str(bert_dir)))
     batch = encoder.tokenize(TEXTS[:3])
+    assert encoder.tokenizer.unk_token_id not in batch["input_ids"]  # the tiny vocabulary covers the texts
     out = encoder(**batch)
     assert out.shape == (3, 32) and out.requires_grad
     out.pow(2).sum().backward()

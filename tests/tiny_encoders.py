@@ -10,6 +10,7 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, DPRConfig
 
@@ -25,7 +26,7 @@ def vocab() -> list[str]:
 def save_tokenizer(path: Path) -> BertTokenizerFast:
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab()) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)  # transformers 5: vocab=
     tokenizer.save_pretrained(path)
     return tokenizer
 
@@ -84,3 +85,34 @@ def tiny_dpr_dir(path: Path, side: str = "question", seed: int = 0, projection_d
     model_class(config).eval().save_pretrained(path)
     save_tokenizer(path)
     return path
+
+
+# ---------------------------------------------------------------- a tiny JSON Lines corpus
+
+CORPUS_WORDS = (
+    "the capital of city river what where largest country angola luanda congo atlantic africa".split()
+)
+WORDS_PER_PASSAGE = 20
+
+
+def write_corpus(path: Path, docs: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    """A JSON Lines corpus of random word documents; returns (title, text) per document."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(docs):
+        text = " ".join(rng.choice(CORPUS_WORDS, size=int(rng.integers(3, 70))))
+        records.append((f"Doc {i} {CORPUS_WORDS[i % len(CORPUS_WORDS)]}", text))
+    path.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in records), encoding="utf-8")
+    return records
+
+
+def expected_passages(records: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The paper's splitting done by hand: disjoint 20-word chunks, each with its document's title."""
+    out = []
+    for title, text in records:
+        words = text.split()
+        out += [
+            (title, " ".join(words[i : i + WORDS_PER_PASSAGE]))
+            for i in range(0, len(words), WORDS_PER_PASSAGE)
+        ]
+    return out
