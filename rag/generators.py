@@ -114,15 +114,20 @@ def _cache_layers(cache: Cache) -> list[tuple[Tensor, Tensor]]:
 
 def _copy_cache(cache: Cache, rows: Tensor | None = None) -> Cache:
     """A new cache object (same tensors, or rows selected): a forward extends the copy, not `cache`."""
-
-    def pick(t: Tensor) -> Tensor:
-        return t if rows is None else t.index_select(0, rows)
-
     if isinstance(cache, EncoderDecoderCache):
         return EncoderDecoderCache(
             _copy_cache(cache.self_attention_cache, rows), _copy_cache(cache.cross_attention_cache, rows)
         )
-    return DynamicCache([(pick(k), pick(v)) for k, v in _cache_layers(cache)])
+    layers = _cache_layers(cache)
+    if rows is not None and layers and _is_identity(rows, layers[0][0].shape[0]):
+        rows = None  # every row once, in order (training): share the tensors, copy nothing
+    if rows is None:
+        return DynamicCache(layers)
+    return DynamicCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers])
+
+
+def _is_identity(rows: Tensor, n: int) -> bool:
+    return rows.shape[0] == n and bool((rows == torch.arange(n, device=rows.device)).all())
 
 
 def _cache_of(output) -> Cache:
