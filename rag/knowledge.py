@@ -15,11 +15,14 @@ is in place.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,6 +98,18 @@ def work_dir_for(out_dir: Path, fp: str) -> Path:
     return out_dir.parent / f".{out_dir.name}.build-{fp[:16]}"
 
 
+@contextlib.contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """One builder per output folder at a time (another process waits here, then finds it built)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_knowledge_base(
     corpus: CorpusConfig,
     encoder: EncoderConfig,
@@ -104,8 +119,20 @@ def build_knowledge_base(
     device: str = "cpu",
 ) -> KnowledgeBaseInfo:
     """Build (or finish an interrupted build of) the knowledge base in `out_dir`."""
-    start = time.perf_counter()
     out_dir = Path(out_dir).resolve()
+    with build_lock(out_dir):
+        return _build(corpus, encoder, index, out_dir, progress, device)
+
+
+def _build(
+    corpus: CorpusConfig,
+    encoder: EncoderConfig,
+    index: IndexConfig,
+    out_dir: Path,
+    progress: bool,
+    device: str,
+) -> KnowledgeBaseInfo:
+    start = time.perf_counter()
     fp = fingerprint(corpus, encoder, index)
     work = work_dir_for(out_dir, fp)
     store, counts = _passage_store(corpus, work)
@@ -233,11 +260,12 @@ def encoder_config(meta: dict[str, Any]) -> EncoderConfig:
 
 def default_knowledge_base(progress: bool = True) -> Path:
     """The default knowledge base (built-in corpus, default encoder, flat index), built once."""
-    out = cache_dir() / "kb" / "default"
+    out = (cache_dir() / "kb" / "default").resolve()
     corpus, encoder, index = CorpusConfig(), EncoderConfig(), IndexConfig()
-    if (out / META_FILE).is_file():
-        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("fingerprint") == fingerprint(corpus, encoder, index):
-            return out
-    build_knowledge_base(corpus, encoder, index, out, progress=progress)
+    with build_lock(out):  # several processes may ask at once: one builds, the others wait
+        if (out / META_FILE).is_file():
+            meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+            if meta.get("fingerprint") == fingerprint(corpus, encoder, index):
+                return out
+        _build(corpus, encoder, index, out, progress, "cpu")
     return out
