@@ -133,6 +133,10 @@ def _build(
     device: str,
 ) -> KnowledgeBaseInfo:
     start = time.perf_counter()
+    if index.kind == "factory" and not index.factory:
+        raise ValueError(
+            "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"
+        )
     fp = fingerprint(corpus, encoder, index)
     work = work_dir_for(out_dir, fp)
     store, counts = _passage_store(corpus, work)
@@ -159,7 +163,8 @@ def _build(
         }
         del built  # release the memory map before the folder is renamed
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-    shutil.rmtree(work, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.build-*"):  # ours, and older configs' leftovers
+        shutil.rmtree(stale, ignore_errors=True)
     return KnowledgeBaseInfo(
         out_dir, len(store), counts["documents"], counts["skipped"], meta["dim"],
         len(shards), reused, time.perf_counter() - start, fp,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rag.config import EncoderConfig
-from rag.encoders import Encoder, load_encoder
+from rag.encoders import Encoder, inspect_encoder_dir, load_encoder
 from rag.index import DenseIndex
 from rag.knowledge import encoder_config, open_knowledge_base
 from rag.store import PassageStore
@@ -61,7 +61,13 @@ class Retriever:
         """A retriever over a knowledge base folder; q(x) defaults to a fresh copy of its d(z) encoder."""
         kb = open_knowledge_base(index_dir)
         if query_encoder is None:
-            query_encoder = load_encoder(encoder or encoder_config(kb.meta), device)
+            config = encoder or encoder_config(kb.meta)
+            if inspect_encoder_dir(config).kind == "dpr-context":
+                raise ValueError(
+                    f"{index_dir}: d(z) is a DPR context encoder ({config.path}); give the matching "
+                    "DPR question encoder for q(x) (Retriever.open(encoder=...), rag search --query-encoder)"
+                )
+            query_encoder = load_encoder(config, device)
         return cls(kb.index, kb.passages, query_encoder)
 
     def retrieve(self, questions: list[str], k: int, batch_size: int = 64) -> Retrieved:

@@ -9,6 +9,7 @@ from tiny_encoders import (
     WORDS_PER_PASSAGE,
     expected_passages,
     tiny_bert_dir,
+    tiny_dpr_dir,
     tiny_sentence_transformers_dir,
     write_corpus,
 )
@@ -123,6 +124,29 @@ def test_cli_search_bad_input(kb, tmp_path, capsys):
     assert "no meta.json" in capsys.readouterr().err
     assert main(["search", str(path), "q", "-k", str(len(passages) + 1)]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_dpr_pair_question_encoder_over_context_encoder_index(tmp_path, capsys):
+    """The paper's set-up: d(z) a DPRContextEncoder, q(x) a separate DPRQuestionEncoder."""
+    ctx = tiny_dpr_dir(tmp_path / "ctx", side="context", seed=7)
+    question = tiny_dpr_dir(tmp_path / "question", side="question", seed=8)
+    records = write_corpus(tmp_path / "docs.jsonl", docs=12, seed=2)
+    corpus = CorpusConfig(source=str(tmp_path / "docs.jsonl"), words_per_passage=WORDS_PER_PASSAGE)
+    build_knowledge_base(corpus, EncoderConfig(path=str(ctx)), IndexConfig(), tmp_path / "kb", progress=False)
+    with pytest.raises(ValueError, match="DPR question encoder"):
+        Retriever.open(tmp_path / "kb")
+    got = Retriever.open(tmp_path / "kb", encoder=EncoderConfig(path=str(question))).retrieve(QUESTIONS, k=3)
+
+    passages = expected_passages(records)
+    d = load_encoder(EncoderConfig(path=str(ctx))).encode([passage_text(t, x) for t, x in passages])
+    q = load_encoder(EncoderConfig(path=str(question))).encode(QUESTIONS)
+    rows, scores = brute_force(q, d, 3)
+    np.testing.assert_allclose(got.scores.numpy(), scores, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(q @ d.T, got.rows, 1), scores, atol=1e-5)
+    assert (
+        main(["search", str(tmp_path / "kb"), QUESTIONS[0], "--query-encoder", str(question), "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == got.ids[0][0]
 
 
 # ---------------------------------------------------------------- the real packaged corpus and encoder

@@ -7,6 +7,7 @@ import json
 import textwrap
 from typing import Any
 
+from rag.config import EncoderConfig
 from rag.retriever import Retrieved, Retriever
 
 
@@ -16,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("queries", nargs="+", help="one or more queries")
     parser.add_argument("-k", type=int, default=5, help="passages per query")
     parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per query")
+    parser.add_argument(
+        "--query-encoder", default="", help="q(x) directory (default: the index's d(z) encoder)"
+    )
     parser.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
 
@@ -36,7 +40,8 @@ def hits(retrieved: Retrieved, i: int) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    retriever = Retriever.open(args.index)
+    encoder = EncoderConfig(path=args.query_encoder) if args.query_encoder else None
+    retriever = Retriever.open(args.index, encoder=encoder)
     if args.k > len(retriever.index):
         raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {args.index}")
     retrieved = retriever.retrieve(args.queries, args.k)
