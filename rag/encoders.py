@@ -14,7 +14,6 @@ Backends (`EncoderConfig.kind`, "auto" detects from the directory):
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +78,19 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
-        self.encode_dtype = dtype  # bfloat16: `encode` runs under CPU/GPU autocast
+        # bfloat16 weights: on CPUs with AMX / AVX512-BF16 encoding runs ~3x faster than float32 (the
+        # matrix products dominate); outputs stay float32. Meant for d(z), which the paper never trains.
+        self.model.to(dtype)
 
     @property
     def dim(self) -> int:
         config = self.model.config
         projection = getattr(config, "projection_dim", 0) or 0
         return int(projection if self.pooling == "pooler" and projection > 0 else config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
@@ -103,7 +108,7 @@ class Encoder(nn.Module):
         if self.pooling == "pooler":
             pooled = out.pooler_output  # (B, D): DPR's CLS state, projected if projection_dim > 0
         else:
-            pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+            pooled = pool(out.last_hidden_state.float(), attention_mask, self.pooling)  # float32 sums
         pooled = pooled.float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
@@ -122,7 +127,7 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode():
                 for rows in batches_by_length([len(x) for x in ids], batch_size):
                     input_ids, mask = pad_batch([ids[r] for r in rows], pad_id)
                     vectors = self(input_ids.to(self.device), mask.to(self.device))
@@ -134,11 +139,6 @@ class Encoder(nn.Module):
             if own_bar:
                 bar.close()
         return out
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.encode_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.encode_dtype)
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[np.ndarray]:

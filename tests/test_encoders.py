@@ -133,7 +133,9 @@ def test_dpr_checkpoint_uses_its_pooler_output(tmp_path, side, projection):
 
 def test_bfloat16_encode_stays_close_to_float32(st_dir):
     fp32 = load_encoder(EncoderConfig(path=str(st_dir))).encode(TEXTS)
-    bf16 = load_encoder(EncoderConfig(path=str(st_dir), dtype="bfloat16")).encode(TEXTS)
+    half = load_encoder(EncoderConfig(path=str(st_dir), dtype="bfloat16"))
+    assert half.dtype == torch.bfloat16 and half(**half.tokenize(TEXTS)).dtype == torch.float32
+    bf16 = half.encode(TEXTS)
     assert bf16.dtype == np.float32
     cosine = (fp32 * bf16).sum(1)  # both normalised
     assert cosine.min() > 0.99 and not np.array_equal(fp32, bf16)
