@@ -28,7 +28,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from rag.config import IndexConfig, from_dict, to_dict
 from rag.io import atomic_dir, atomic_write_text
@@ -61,46 +60,73 @@ def store_dtype(config: IndexConfig) -> np.dtype:
 # ---------------------------------------------------------------- exact search (pure functions)
 
 
-def _topk_1(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of one score vector (n,), best first: argpartition, then sort only the k winners."""
-    if k < scores.shape[0]:
-        part = np.argpartition(scores, scores.shape[0] - k)[-k:]
-    else:
-        part = np.arange(scores.shape[0])
-    order = part[np.argsort(-scores[part], kind="stable")]
-    return order.astype(np.int64), scores[order]
+def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row top-k of scores (b, n), best first -> rows (b, k) int64, values (b, k).
+
+    A full argpartition costs about as much as the matrix product that made the scores, so we first
+    find a threshold that at least k entries of each row reach: split the row into k chunks and take
+    the smallest of the k chunk maxima. Only the few entries above it (tens for k = 10) are sorted;
+    max, compare and flatnonzero are single vectorised passes.
+    """
+    b, n = scores.shape
+    if 8 * k > n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (b, 1))
+        vals = np.take_along_axis(scores, part, 1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        return np.take_along_axis(part, order, 1).astype(np.int64), np.take_along_axis(vals, order, 1)
+    m = n // k
+    thr = scores[:, : m * k].reshape(b, k, m).max(axis=2).min(axis=1)  # (b,)
+    flat = np.flatnonzero(scores >= thr[:, None])  # candidates, row-major
+    row, col = np.divmod(flat, n)
+    vals = scores.reshape(-1)[flat]
+    counts = np.bincount(row, minlength=b)
+    if counts.min() < k:  # only NaN scores can break the bound
+        raise DenseIndexError("search: scores contain NaN (are the embeddings or queries finite?)")
+    order = np.lexsort((-vals, row))  # by row, then best first
+    take = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]  # (b, k)
+    return col[take].astype(np.int64), vals[take]
 
 
-def exact_search(matrix: np.ndarray, queries: np.ndarray, k: int, block_rows: int = 0) -> SearchResult:
-    """Exact MIPS top-k of queries (B, D) against matrix (N, D), streaming over row blocks.
+def exact_search(
+    matrix: np.ndarray, queries: np.ndarray, k: int, block_rows: int = 0, query_chunk: int = 256
+) -> SearchResult:
+    """Exact MIPS top-k of queries (B, D) float32 against matrix (N, D), streaming over row blocks.
 
-    Memory stays bounded by one (B, block_rows) score block whatever N is.
+    One query: a matrix-vector product per block (memory-bound sgemv). Several: a matrix product per
+    (query chunk, row block) into one reused score buffer (compute-bound sgemm), so memory stays
+    bounded by query_chunk * block_rows scores whatever N and B are.
     """
     n, b = matrix.shape[0], queries.shape[0]
+    qc = min(b, query_chunk)
     if block_rows <= 0:
-        block_rows = max(4096, _SCORE_BLOCK_BYTES // (4 * b))
-    best_s = np.full((b, 0), -np.inf, np.float32)  # running top-k: (B, <=K)
-    best_r = np.zeros((b, 0), np.int64)
+        block_rows = max(4096, _SCORE_BLOCK_BYTES // (4 * qc))
+    buf = np.empty(qc * min(block_rows, n), np.float32) if b > 1 else None
+    best_r = np.zeros((b, 0), np.int64)  # running top-k (B, <=K)
+    best_s = np.zeros((b, 0), np.float32)
     for start in range(0, n, block_rows):
-        block = np.asarray(matrix[start : start + block_rows])
+        block = matrix[start : start + block_rows]
         if block.dtype != np.float32:
             block = block.astype(np.float32)
-        kb = min(k, block.shape[0])
-        if b == 1:
-            r, s = _topk_1(block @ queries[0], kb)  # (n_b,) sgemv: memory-bound
-            s, r = s[None], r[None]
-        else:
-            scores = torch.from_numpy(queries @ block.T)  # (B, n_b) sgemm: compute-bound
-            top = torch.topk(scores, kb, dim=1, sorted=False)
-            s, r = top.values.numpy(), top.indices.numpy().astype(np.int64)
-        best_s = np.concatenate([best_s, s], axis=1)
+        nb, kb = block.shape[0], min(k, block.shape[0])
+        r, s = np.empty((b, kb), np.int64), np.empty((b, kb), np.float32)
+        if buf is None:
+            r[:], s[:] = topk_rows(np.dot(block, queries[0])[None], kb)  # (1, n_b) sgemv
+        for q0 in range(0, b if buf is not None else 0, qc):
+            q = queries[q0 : q0 + qc]
+            out = buf[: q.shape[0] * nb].reshape(q.shape[0], nb)  # contiguous view of the reused buffer
+            np.matmul(q, block.T, out=out)  # (qc, n_b) sgemm
+            r[q0 : q0 + qc], s[q0 : q0 + qc] = topk_rows(out, kb)
         best_r = np.concatenate([best_r, r + start], axis=1)
+        best_s = np.concatenate([best_s, s], axis=1)
         if best_s.shape[1] > k:
-            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-            best_s = np.take_along_axis(best_s, keep, 1)
-            best_r = np.take_along_axis(best_r, keep, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return SearchResult(np.take_along_axis(best_r, order, 1), np.take_along_axis(best_s, order, 1))
+            best_r, best_s = _merge(best_r, best_s, k)
+    return SearchResult(best_r, best_s)
+
+
+def _merge(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of each row of a few candidates (b, c), best first."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def rerank(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
@@ -136,7 +162,11 @@ def _faiss_index(dim: int, n: int, config: IndexConfig) -> faiss.Index:
             raise DenseIndexError(f"ivfpq: dim {dim} is not a multiple of pq_subquantizers {m}")
         if n < 256:
             raise DenseIndexError(f"ivfpq needs at least 256 vectors to train its 8-bit codebooks, got {n}")
-        return faiss.index_factory(dim, f"IVF{min(lists, n)},PQ{m}x8", ip)
+        index = faiss.index_factory(dim, f"IVF{min(lists, n)},PQ{m}x8", ip)
+        # polysemous training only helps Hamming-distance filtering, which we do not use, and it
+        # dominates the training time
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        return index
     if config.kind == "factory":
         if not config.factory:
             raise DenseIndexError("kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)")
@@ -149,7 +179,9 @@ def _fill_faiss(matrix: np.ndarray, config: IndexConfig) -> faiss.Index:
     n, dim = matrix.shape
     index = _faiss_index(dim, n, config)
     if not index.is_trained:
-        sample = np.linspace(0, n - 1, min(n, 100_000)).astype(np.int64)
+        # 40 points per centroid of the largest codebook (PQ: 256) is enough, and k-means cost is linear
+        lists = faiss.extract_index_ivf(index).nlist if config.kind == "ivfpq" else 0
+        sample = np.linspace(0, n - 1, min(n, max(256 * 40, 40 * lists))).astype(np.int64)
         index.train(np.ascontiguousarray(matrix[sample], dtype=np.float32))
     for start in range(0, n, _ADD_CHUNK):
         index.add(np.ascontiguousarray(matrix[start : start + _ADD_CHUNK], dtype=np.float32))

@@ -94,10 +94,9 @@ def clustered_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "config",
     [
         IndexConfig(kind="hnsw", hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=64),
-        IndexConfig(kind="ivfpq", ivf_lists=128, pq_subquantizers=8, nprobe=16, rerank_factor=10),
-        IndexConfig(kind="factory", factory="IVF64,Flat"),
+        IndexConfig(kind="factory", factory="IVF64,Flat", nprobe=8),
     ],
-    ids=["hnsw", "ivfpq", "factory"],
+    ids=["hnsw", "factory"],
 )
 def test_approximate_recall_at_10(clustered_data, config: IndexConfig) -> None:
     x, q, truth = clustered_data
@@ -110,7 +109,7 @@ def test_approximate_recall_at_10(clustered_data, config: IndexConfig) -> None:
     assert (np.diff(res.scores, axis=1) <= 1e-6).all()
 
 
-def test_ivfpq_stores_float16_and_pq_alone_is_worse(clustered_data) -> None:
+def test_ivfpq_stores_float16_and_rerank_matters(clustered_data) -> None:
     x, q, truth = clustered_data
     config = IndexConfig(kind="ivfpq", ivf_lists=128, pq_subquantizers=8, nprobe=16, rerank_factor=1)
     index = DenseIndex.build(x, config)
@@ -119,13 +118,13 @@ def test_ivfpq_stores_float16_and_pq_alone_is_worse(clustered_data) -> None:
     assert index.nbytes < x.nbytes  # float16 store + 8-byte codes beat the float32 matrix
     no_rerank = recall_at(index.search(q, 10).rows, truth)
     with_rerank = recall_at(index.with_search_params(rerank_factor=10).search(q, 10).rows, truth)
-    assert with_rerank > no_rerank and with_rerank >= 0.95
+    assert with_rerank >= 0.95 and with_rerank > no_rerank
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_save_load_round_trip(tmp_path, kind: str) -> None:
     x, q = clustered(3000, 32, 20, seed=1)
-    index = DenseIndex.build(x, IndexConfig(kind=kind, ivf_lists=16, pq_subquantizers=8))
+    index = DenseIndex.build(x, IndexConfig(kind=kind, ivf_lists=16, pq_subquantizers=4))
     before = index.search(q, 5)
     index.save(tmp_path / "idx")
     loaded = DenseIndex.load(tmp_path / "idx")
@@ -204,3 +203,24 @@ def test_bad_k_and_dim_mismatch() -> None:
         DenseIndex.build(x, IndexConfig(kind="factory"))
     with pytest.raises(DenseIndexError, match="at least 256"):
         DenseIndex.build(x, IndexConfig(kind="ivfpq"))
+
+
+def test_flat_with_ties_and_adversarial_order() -> None:
+    """Duplicated rows (exact ties) and rows sorted by score (all winners in the last chunk)."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((400, 12)).astype(np.float32)
+    q = rng.standard_normal((3, 12)).astype(np.float32)
+    dup = np.repeat(base, 3, axis=0)  # every score appears 3 times
+    res = DenseIndex.build(dup, IndexConfig()).search(q, 10)
+    assert_same_topk(dup, q, res.rows, res.scores, 10)
+    ordered = base[np.argsort(base @ q[0])]  # ascending scores for query 0
+    res = DenseIndex.build(ordered, IndexConfig()).search(q, 20)
+    assert_same_topk(ordered, q, res.rows, res.scores, 20)
+    assert set(res.rows[0]) == set(range(380, 400))
+
+
+def test_nan_embeddings_are_reported() -> None:
+    x = np.random.default_rng(8).standard_normal((200, 4)).astype(np.float32)
+    x[5] = np.nan
+    with pytest.raises(DenseIndexError, match="NaN"):
+        DenseIndex.build(x, IndexConfig()).search(np.ones((2, 4), np.float32), 3)
