@@ -74,6 +74,8 @@ class Retriever:
         """Top-k passages for each question: (B,) strings -> Retrieved with (B, K) fields."""
         if isinstance(questions, str):
             raise TypeError("retrieve takes a list of questions, not a single string")
+        if len(questions) == 0:
+            raise ValueError("retrieve: no questions given")
         q = self.query_encoder.encode(list(questions), batch_size=batch_size)  # (B, D)
         return self.retrieve_vectors(q, k)
 

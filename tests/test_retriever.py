@@ -89,6 +89,8 @@ def test_retriever_rejects_bad_input(kb, tmp_path):
     retriever = Retriever.open(path)
     with pytest.raises(TypeError, match="list of questions"):
         retriever.retrieve("a single string", k=2)
+    with pytest.raises(ValueError, match="no questions"):
+        retriever.retrieve([], k=2)
     with pytest.raises(ValueError, match="k must be"):
         retriever.retrieve(QUESTIONS, k=len(passages) + 1)
     with pytest.raises(ValueError, match=r"\(B, 32\)"):
@@ -196,3 +198,11 @@ def test_bfloat16_retrieval_agrees_with_float32(default_kb):
     top16, _ = brute_force(bf16.encode(questions), bf16.encode(texts), 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top32, top16, strict=True)])
     assert overlap >= 0.9, overlap
+
+
+@pytest.mark.slow
+def test_demo_answers_the_example_questions(default_kb, capsys):
+    assert main(["demo", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: What is the capital of Angola?\n  1. [" in out and "] Angola: " in out
+    assert "] Hamlet: " in out and "] Mount Everest: " in out
