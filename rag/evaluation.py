@@ -15,6 +15,7 @@ The Markdown report with plots across several runs is `rag.eval_report.write_rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from rag import decoding
 from rag import metrics as MT
 from rag.config import DecodingConfig, to_dict
+from rag.generators import _copy_cache
 from rag.io import atomic_write_text
 from rag.tasks import FEVER_3WAY, Example, LabelSet
 
@@ -151,22 +153,38 @@ def _classify(gen: Any, questions: list[str], passages: list[list[tuple[str, str
     return out
 
 
-def _generate(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]] | None,
-              doc_scores: torch.Tensor, config: EvalConfig) -> list[dict[str, Any]]:
-    """Decode one batch; per question the best answer, log p(y|x) and p(z|x,y) over the k passages."""
-    if config.metric == "classification":
-        return _classify(gen, questions, passages, doc_scores, config)
-    kind = config.kind if passages is not None else "token"  # K = 1: both kinds are the generator
-    prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
+def _select_prefix(prefix: Any, batch: int, kmax: int, k: int) -> Any:
+    """The rows of the top k passages of each question from a prefix built for the top kmax (row
+    b*kmax + j -> b*k + j): one prefill serves every k, kind and decoding (the passages are the same)."""
+    if k == kmax:
+        return prefix
+    rows = (torch.arange(batch)[:, None] * kmax + torch.arange(k)[None, :]).reshape(-1)  # (B*k,)
+    rows = rows.to(prefix.attention_mask.device)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, rows)
+
+    return dataclasses.replace(
+        prefix, attention_mask=pick(prefix.attention_mask), hidden=pick(prefix.hidden),
+        cache=None if prefix.cache is None else _copy_cache(prefix.cache, rows),
+        positions=pick(prefix.positions), first_logprobs=pick(prefix.first_logprobs),
+    )
+
+
+def _generate(gen: Any, prefix: Any, doc_scores: torch.Tensor, config: EvalConfig,
+              with_passages: bool) -> list[dict[str, Any]]:
+    """Decode one batch from its prefix (B*K rows); per question the best answer, log p(y|x) and
+    p(z|x,y) over the K passages."""
+    kind = config.kind if with_passages else "token"  # K = 1, no passage: both kinds are the generator
     prior = torch.log_softmax(doc_scores.float(), dim=1)  # (B, K)
     out = decoding.generate(gen, prefix, prior, kind, config.decoding)
     records = []
-    for b in range(len(questions)):
+    for b in range(doc_scores.shape[0]):
         record: dict[str, Any] = {
             "prediction": gen.decode(out.sequences[b][0]),
             "logprob": round(float(out.scores[b, 0]), 5),
         }
-        if passages is not None:
+        if with_passages:
             record["posterior"] = [round(p, 6) for p in out.doc_logposterior[b, 0].exp().tolist()]
         records.append(record)
     return records
@@ -175,37 +193,78 @@ def _generate(gen: Any, questions: list[str], passages: list[list[tuple[str, str
 # ------------------------------------------------------------------------------------ the loop
 
 
+@dataclass
+class _Run:
+    """One configuration being evaluated into its own folder (mutable: its clock and done set grow)."""
+
+    config: EvalConfig
+    out_dir: Path
+    done: set[str]
+    sink: IO[str]
+    clock: dict[str, float] = field(default_factory=lambda: {"retrieval": 0.0, "generation": 0.0, "n": 0})
+
+
 def _batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
     for start in range(0, len(examples), size):
         yield list(examples[start : start + size])
 
 
-def _run_batch(batch: list[Example], retriever: Any, generator: Any, config: EvalConfig,
-               depth: int, clock: dict[str, float]) -> list[dict[str, Any]]:
+def _passages(got: Any, k: int) -> list[list[tuple[str, str]]]:
+    return [list(zip(t[:k], x[:k], strict=True)) for t, x in zip(got.titles, got.texts, strict=True)]
+
+
+def _run_batch(batch: list[Example], runs: list[_Run], retriever: Any, generator: Any, depth: int) -> None:
+    """Retrieve once, prefill once (top kmax passages), then decode each run's configuration."""
     questions = [ex.input for ex in batch]
-    records = [_base_record(ex, config) for ex in batch]
-    passages: list[list[tuple[str, str]]] | None = None
-    doc_scores = torch.zeros(len(batch), 1)
-    if config.mode != "closed-book":
+    got, prefix, kmax = None, None, 0
+    if any(r.config.mode != "closed-book" for r in runs):
         started = time.perf_counter()
         got = retriever.retrieve(questions, depth)
-        clock["retrieval"] += time.perf_counter() - started
+        spent = time.perf_counter() - started
+        for run in runs:
+            run.clock["retrieval"] += spent if run.config.mode != "closed-book" else 0.0
+    shared = [r for r in runs if r.config.mode == "rag" and r.config.metric != "classification"]
+    if shared:
+        kmax = max(r.config.k for r in shared)
+        started = time.perf_counter()
+        prefix = generator.encode_prefix(generator.format_inputs(questions, _passages(got, kmax)))
+        spent = time.perf_counter() - started
+        for run in shared:
+            run.clock["generation"] += spent
+    for run in runs:
+        started = time.perf_counter()
+        records = _records(batch, run.config, got, generator, prefix, kmax)
+        run.clock["generation"] += time.perf_counter() - started
+        for record in records:
+            if record["id"] not in run.done:
+                run.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                run.done.add(record["id"])
+                run.clock["n"] += 1
+        run.sink.flush()
+
+
+def _records(batch: list[Example], config: EvalConfig, got: Any, gen: Any, prefix: Any,
+             kmax: int) -> list[dict[str, Any]]:
+    records = [_base_record(ex, config) for ex in batch]
+    if config.mode == "closed-book":
+        cb_prefix = gen.encode_prefix(gen.format_inputs([ex.input for ex in batch], None))
+        generated = _generate(gen, cb_prefix, torch.zeros(len(batch), 1), config, with_passages=False)
+    else:
         scores = got.scores.float()
         for b, (ex, rec) in enumerate(zip(batch, records, strict=True)):
             rec.update(_retrieval_record(got.ids[b], got.titles[b], scores[b].tolist(), config.k))
             rec["hits"] = _hits(ex, got.texts[b], got.titles[b])
-        passages = [
-            list(zip(got.titles[b][: config.k], got.texts[b][: config.k], strict=True)) for b in range(len(batch))
-        ]
+        if config.mode == "retrieval-only":
+            for rec, shown in zip(records, _passages(got, 1), strict=True):
+                rec["prediction"] = f"{shown[0][0]}. {shown[0][1]}"  # the top passage is the answer
+                rec["correct"] = float(rec["hits"][0])
+            return records
         doc_scores = scores[:, : config.k]
-    if config.mode == "retrieval-only":
-        for rec, shown in zip(records, passages or [], strict=True):
-            rec["prediction"] = f"{shown[0][0]}. {shown[0][1]}"  # the top passage is the answer
-            rec["correct"] = float(rec["hits"][0])
-        return records
-    started = time.perf_counter()
-    generated = _generate(generator, questions, passages, doc_scores, config)
-    clock["generation"] += time.perf_counter() - started
+        if config.metric == "classification":
+            generated = _classify(gen, [ex.input for ex in batch], _passages(got, config.k), doc_scores, config)
+        else:
+            sub = _select_prefix(prefix, len(batch), kmax, config.k)
+            generated = _generate(gen, sub, doc_scores, config, with_passages=True)
     for ex, rec, gen_rec in zip(batch, records, generated, strict=True):
         rec.update(gen_rec)
         rec.update(_scores(ex, rec["prediction"], config.metric))
@@ -266,37 +325,63 @@ def evaluate(
     generator: a rag.generators.Generator (not for retrieval-only). `task` (e.g. the reader and data
     file) is recorded in run.json so that a resumed run cannot mix two data sets.
     """
-    if config.mode != "closed-book" and retriever is None:
-        raise ValueError(f"mode {config.mode!r} needs a retriever")
-    if config.mode != "retrieval-only" and generator is None:
-        raise ValueError(f"mode {config.mode!r} needs a generator")
-    if config.k < 1:
-        raise ValueError(f"k must be >= 1, got {config.k}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run(out_dir, _run_identity(config, task or {}))
-    path = out_dir / "predictions.jsonl"
-    done = {r["id"] for r in read_predictions(path)}
-    todo = [ex for ex in examples if ex.id not in done]
-    depth = max((*config.recall_ks, config.k))
+    return evaluate_many(examples, [(config, Path(out_dir))], retriever=retriever, generator=generator,
+                         task=task)[0]
+
+
+def evaluate_many(
+    examples: Sequence[Example],
+    runs: Sequence[tuple[EvalConfig, Path | str]],
+    *,
+    retriever: Any = None,
+    generator: Any = None,
+    task: dict[str, Any] | None = None,
+) -> list[EvalResult]:
+    """Several configurations (each into its own folder) over the same examples, batch by batch:
+    retrieval runs once at the deepest depth and the generator's prefix once for the largest k, which
+    every RAG configuration (any k, kind, decoding) then decodes from. Each run's timing counts the
+    shared retrieval and prefill as its own, i.e. what it would have cost alone."""
+    _check_components([c for c, _ in runs], retriever, generator)
+    depth = max(max((*c.recall_ks, c.k)) for c, _ in runs)
     if retriever is not None:  # a small knowledge base: recall@k only for the k it can answer
-        size = len(retriever.index)
-        if config.mode == "rag" and config.k > size:
-            raise ValueError(f"k = {config.k} exceeds the {size} passages of the knowledge base")
-        depth = min(depth, size)
-    clock = {"retrieval": 0.0, "generation": 0.0}
+        depth = min(depth, len(retriever.index))
+    states: list[_Run] = []
     started = time.perf_counter()
-    with open(path, "a", encoding="utf-8") as sink, tqdm(
-        total=len(examples), initial=len(examples) - len(todo), disable=not config.progress, unit="q",
-        desc=f"eval {config.mode}" + (f" {config.kind} k={config.k}" if config.mode == "rag" else ""),
-    ) as bar:
-        for batch in _batches(todo, config.batch_size):
-            for record in _run_batch(batch, retriever, generator, config, depth, clock):
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+    with contextlib.ExitStack() as stack:
+        for config, out_dir in runs:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _check_run(out_dir, _run_identity(config, task or {}))
+            done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
+            sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))
+            states.append(_Run(config, out_dir, done, sink))
+        todo = [ex for ex in examples if any(ex.id not in s.done for s in states)]
+        first = runs[0][0]
+        bar = stack.enter_context(tqdm(total=len(examples), initial=len(examples) - len(todo), unit="q",
+                                       disable=not first.progress, desc=f"eval ({len(runs)} run(s))"))
+        for batch in _batches(todo, first.batch_size):
+            _run_batch(batch, states, retriever, generator, depth)
             bar.update(len(batch))
-    timing = Timing(len(todo), clock["retrieval"], clock["generation"], time.perf_counter() - started)
-    return finish(out_dir, config, timing)
+    total = time.perf_counter() - started
+    results = []
+    for state in states:
+        clock = state.clock
+        own = clock["retrieval"] + clock["generation"]
+        timing = Timing(int(clock["n"]), clock["retrieval"], clock["generation"], own if len(runs) > 1 else total)
+        results.append(finish(state.out_dir, state.config, timing))
+    return results
+
+
+def _check_components(configs: Sequence[EvalConfig], retriever: Any, generator: Any) -> None:
+    for config in configs:
+        if config.mode != "closed-book" and retriever is None:
+            raise ValueError(f"mode {config.mode!r} needs a retriever")
+        if config.mode != "retrieval-only" and generator is None:
+            raise ValueError(f"mode {config.mode!r} needs a generator")
+        if config.k < 1:
+            raise ValueError(f"k must be >= 1, got {config.k}")
+        if retriever is not None and config.mode == "rag" and config.k > len(retriever.index):
+            raise ValueError(f"k = {config.k} exceeds the {len(retriever.index)} passages of the knowledge base")
 
 
 def finish(out_dir: Path, config: EvalConfig, timing: Timing) -> EvalResult:

@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_generators import tiny_bart, word_tokenizer
+from tiny_generators import tiny_bart, tiny_generator, word_tokenizer
 from transformers import BertConfig, BertModel
 
 from rag.cli import main
 from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, IndexConfig
 from rag.eval_report import write_report
-from rag.evaluation import EvalConfig, evaluate, read_predictions
+from rag.evaluation import EvalConfig, evaluate, evaluate_many, read_predictions
 from rag.knowledge import build_knowledge_base
 from rag.model import RagModel
 from rag.retriever import Retriever
@@ -126,6 +126,23 @@ def test_resumed_run_skips_written_examples_and_drops_a_torn_line(retriever, tmp
         evaluate(_examples(), part, retriever=retriever, generator=gen, config=_config(k=1))
 
 
+@pytest.mark.parametrize("family", ["bart", "llama-chat"])
+def test_shared_prefill_gives_what_each_configuration_gives_alone(retriever, tmp_path, family):
+    gen = tiny_generator(family, seed=7)
+    configs = [_config(k=1), _config(k=3), _config(k=3, kind="sequence"),
+               _config(k=2, kind="sequence", decoding=DecodingConfig(num_beams=2, max_new_tokens=5, decoding="fast"))]
+    together = evaluate_many(_examples(), [(c, tmp_path / f"many{i}") for i, c in enumerate(configs)],
+                             retriever=retriever, generator=gen)
+    for i, config in enumerate(configs):
+        alone = evaluate(_examples(), tmp_path / f"alone{i}", retriever=retriever, generator=gen, config=config)
+        shared = read_predictions(together[i].out_dir / "predictions.jsonl")
+        single = read_predictions(alone.out_dir / "predictions.jsonl")
+        assert [r["prediction"] for r in shared] == [r["prediction"] for r in single]
+        for a, b in zip(shared, single, strict=True):
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
+            np.testing.assert_allclose(a["posterior"], b["posterior"], atol=1e-4)
+
+
 @torch.no_grad()
 def test_closed_book_is_plain_greedy_decoding_without_passages(tmp_path):
     gen = tiny_bart(seed=3)
@@ -193,10 +210,13 @@ def test_cli_eval_runs_each_k_and_writes_the_report(kb, tmp_path):
                             for q, a in zip(QUESTIONS, ANSWERS, strict=True)), encoding="utf-8")
     common = ["eval", "--task", "nq-open", "--data", str(data), "--index", str(kb / "kb"),
               "--out", str(tmp_path / "out"), "--no-progress", "--max-new-tokens", "4"]
-    assert main([*common, "--generator", str(tmp_path / "gen"), "-k", "1", "2"]) == 0
+    assert main([*common, "--generator", str(tmp_path / "gen"), "-k", "1", "2", "--kind", "token", "sequence",
+                 "--decoding", "thorough", "fast"]) == 0
     assert main([*common, "--mode", "retrieval-only"]) == 0
-    for run in ("rag-token-k1", "rag-token-k2", "retrieval-only"):
+    names = [f"rag-{v}-k{k}" for v in ("token", "sequence-thorough", "sequence-fast") for k in (1, 2)]
+    for run in [*names, "retrieval-only"]:
         assert len(read_predictions(tmp_path / "out" / run / "predictions.jsonl")) == 4
     report = (tmp_path / "out" / "report.md").read_text()
-    assert report.count("| RAG-Token |") == 2 and "retrieval-only" in report
+    assert report.count("| RAG-Token |") == 2 and report.count("| RAG-Sequence (fast) |") == 2
+    assert "retrieval-only" in report
     assert main([*common, "--generator", str(tmp_path / "gen"), "--swap-index", str(tmp_path / "nowhere")]) == 2

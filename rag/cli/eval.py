@@ -33,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
     p.add_argument("-k", type=int, nargs="+", default=[5], help="passages marginalised; several values = several runs")
-    p.add_argument("--kind", choices=["token", "sequence"], help="RAG-Token or RAG-Sequence (default token)")
-    p.add_argument("--decoding", choices=["thorough", "fast"], default="thorough", help="RAG-Sequence decoding")
+    p.add_argument("--kind", choices=["token", "sequence"], nargs="+",
+                   help="RAG-Token and/or RAG-Sequence (default token, or the checkpoint's)")
+    p.add_argument("--decoding", choices=["thorough", "fast"], nargs="+", default=["thorough"],
+                   help="RAG-Sequence decoding(s)")
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--min-new-tokens", type=int, default=1)
@@ -60,32 +62,32 @@ def read_examples(args: argparse.Namespace) -> list[Any]:
     return examples[: args.limit] if args.limit else examples
 
 
-def load_components(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(retriever or None, generator or None, kind) for the chosen mode; hot-swap applied."""
+def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """(retriever or None, generator or None, kinds) for the chosen mode; hot-swap applied."""
     from rag.generators import load_generator
 
-    kind = args.kind or "token"
+    kinds = args.kind or ["token"]
     query_encoder, generator = None, None
     if args.checkpoint:
         from rag.checkpoints import load_rag_checkpoint
 
         ckpt = load_rag_checkpoint(args.checkpoint, args.device)
-        query_encoder, generator, kind = ckpt.query_encoder, ckpt.generator, args.kind or ckpt.kind
+        query_encoder, generator, kinds = ckpt.query_encoder, ckpt.generator, args.kind or [ckpt.kind]
         if args.mode != "closed-book" and not args.index:
             raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
     elif args.mode != "retrieval-only":
         generator = load_generator(GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig(),
                                    args.device)
     if args.mode == "closed-book":
-        return None, generator, kind
+        return None, generator, kinds
     retriever = _retriever(args, query_encoder)
     if args.swap_index:
         from rag.hotswap import swap_index
         from rag.model import RagModel
 
-        model = RagModel(retriever.query_encoder, retriever, generator, kind, max(args.k))
+        model = RagModel(retriever.query_encoder, retriever, generator, kinds[0], max(args.k))
         retriever = swap_index(model, args.swap_index).retriever
-    return retriever, generator, kind
+    return retriever, generator, kinds
 
 
 def _retriever(args: argparse.Namespace, query_encoder: Any) -> Any:
@@ -107,7 +109,7 @@ def run_name(mode: str, kind: str, decoding: str, k: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rag.eval_report import write_report
-    from rag.evaluation import EvalConfig, evaluate, metric_for_task
+    from rag.evaluation import EvalConfig, evaluate_many, metric_for_task
 
     out = Path(args.out)
     if args.hotswap_experiment:
@@ -117,23 +119,33 @@ def run(args: argparse.Namespace) -> int:
     examples = read_examples(args)
     if not examples:
         raise ValueError(f"{args.data}: no examples to evaluate")
-    retriever, generator, kind = load_components(args)
-    decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                              min_new_tokens=args.min_new_tokens, decoding=args.decoding)
+    retriever, generator, kinds = load_components(args)
     task = {"format": args.task, "data": str(Path(args.data).resolve()), "part": args.part, "limit": args.limit,
             "subset": args.subset, "swap_index": args.swap_index}
-    for k in args.k if args.mode == "rag" else args.k[:1]:
-        config = EvalConfig(mode=args.mode, kind=kind, k=k, decoding=decoding, metric=metric_for_task(args.task),
-                            batch_size=args.batch_size, progress=not args.no_progress)
-        result = evaluate(examples, out / run_name(args.mode, kind, args.decoding, k), retriever=retriever,
-                          generator=generator, config=config, task=task)
+    runs = []
+    for kind, dec in _variants(args, kinds):
+        decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                                  min_new_tokens=args.min_new_tokens, decoding=dec)
+        for k in args.k if args.mode == "rag" else args.k[:1]:
+            config = EvalConfig(mode=args.mode, kind=kind, k=k, decoding=decoding,
+                                metric=metric_for_task(args.task), batch_size=args.batch_size,
+                                progress=not args.no_progress)
+            runs.append((config, out / run_name(args.mode, kind, dec, k)))
+    for result in evaluate_many(examples, runs, retriever=retriever, generator=generator, task=task):
         shown = ", ".join(f"{n} {100 * v:.1f}" for n, v in result.metrics.items() if v is not None)
         recall = ", ".join(f"R@{k} {100 * v:.1f}" for k, v in result.recall.items())
         print(f"{result.out_dir.name}: n={result.n} {shown} {recall} "
               f"({result.timing.questions_per_s:.2f} questions/s this call)")
-    runs = sorted(p.parent for p in out.glob("*/metrics.json"))
-    print(f"report: {write_report(runs, out, title=f'rag eval: {args.task} {Path(args.data).name}')}")
+    found = sorted(p.parent for p in out.glob("*/metrics.json"))
+    print(f"report: {write_report(found, out, title=f'rag eval: {args.task} {Path(args.data).name}')}")
     return 0
+
+
+def _variants(args: argparse.Namespace, kinds: list[str]) -> list[tuple[str, str]]:
+    """(kind, decoding) pairs: RAG-Sequence once per --decoding, RAG-Token once."""
+    if args.mode != "rag":
+        return [(kinds[0], args.decoding[0])]
+    return [(kind, dec) for kind in kinds for dec in (args.decoding if kind == "sequence" else args.decoding[:1])]
 
 
 def run_hotswap(args: argparse.Namespace, out: Path) -> int:
@@ -143,10 +155,10 @@ def run_hotswap(args: argparse.Namespace, out: Path) -> int:
     from rag.model import RagModel
 
     args.mode = "rag"
-    retriever, generator, kind = load_components(args)
-    model = RagModel(retriever.query_encoder, retriever, generator, kind, args.k[0])
+    retriever, generator, kinds = load_components(args)
+    model = RagModel(retriever.query_encoder, retriever, generator, kinds[0], args.k[0])
     base = Path(args.index) if args.index else default_knowledge_base(progress=not args.no_progress)
-    decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, decoding=args.decoding)
+    decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, decoding=args.decoding[0])
     result = hotswap_experiment(model, base, out, n_questions=args.questions, decoding=decoding)
     text = hotswap_markdown(result)
     atomic_write_text(out / "hotswap.md", text)
