@@ -242,8 +242,9 @@ def _search(gen: Any, prefix: Prefix, groups: int, block: int, prior: Tensor | N
 
 
 def _as_lists(tokens: Tensor, lengths: Tensor) -> list[list[list[int]]]:
-    return [[row[:n] for row, n in zip(g, ls, strict=True)] for g, ls in zip(tokens.tolist(), lengths.tolist(),
-                                                                             strict=True)]
+    """(G, n, L) ids and (G, n) lengths -> G lists of n token lists, cut at their lengths."""
+    pairs = zip(tokens.tolist(), lengths.tolist(), strict=True)
+    return [[row[:n] for row, n in zip(rows, ns, strict=True)] for rows, ns in pairs]
 
 
 @torch.no_grad()
