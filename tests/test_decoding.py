@@ -248,6 +248,43 @@ def test_k1_equals_the_plain_generator(builder, num_beams):
             assert score == pytest.approx(_plain_logprob(gen, inputs, y), abs=1e-4)
 
 
+def test_search_options_as_transformers_generate():
+    """k = 1 RAG-Token beam search against the plain model's generate() under the other search rules:
+    length penalty, early stopping True / "never", and BART's forced EOS at the last step."""
+    question, passage = QUESTIONS[0], PASSAGES[0][2]  # a pair whose outputs depend on every option below
+    config = DecodingConfig(num_beams=2, num_return_sequences=2, max_new_tokens=8, min_new_tokens=0)
+    outputs = set()
+    for length_penalty, early_stopping, forced_eos in [(1.0, False, True), (1.0, False, False), (0.5, True, False),
+                                                       (2.0, "never", False), (-1.0, False, False)]:
+        gen = _six_token_generator("bart")
+        gen.model.generation_config.forced_eos_token_id = EOS if forced_eos else None
+        options = SearchOptions(length_penalty=length_penalty, early_stopping=early_stopping)
+        ours = answer(gen, [question], [[passage]], torch.tensor([[0.0]]), "token", config, options=options)
+        inputs = gen.format_inputs([question], [[passage]])
+        with torch.no_grad():
+            hf = gen.model.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                                    do_sample=False, num_beams=2, num_return_sequences=2, max_new_tokens=8,
+                                    length_penalty=length_penalty, early_stopping=early_stopping)
+        assert ours.sequences[0] == _hf_hypotheses(gen.model, hf, 1)
+        if forced_eos:
+            assert all(y[-1] == EOS for y in ours.sequences[0])
+        outputs.add(str(ours.sequences[0]))
+    assert len(outputs) >= 3  # the options really changed the search
+
+
+def test_without_dedup_every_beam_is_a_candidate(setup):
+    gen, prefix, prior, _ = setup
+    config = _config(num_beams=3, num_return_sequences=9, dedup=False)
+    cands = sequence_candidates(gen, prefix, prior, config)
+    deduped = sequence_candidates(gen, prefix, prior, replace(config, dedup=True))
+    for b in range(2):
+        assert len(cands.sequences[b]) == 3 * 3  # K passages x nb beams
+        assert sorted(map(tuple, deduped.sequences[b])) == sorted(set(map(tuple, cands.sequences[b])))
+        for c, y in enumerate(cands.sequences[b]):  # copies of one hypothesis carry the same scores
+            d = deduped.sequences[b].index(y)
+            torch.testing.assert_close(cands.passage_logprobs[b][c], deduped.passage_logprobs[b][d])
+
+
 def _plain_logprob(gen, inputs, y: list[int]) -> float:
     target = torch.tensor([y])
     with torch.no_grad():
