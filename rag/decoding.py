@@ -89,6 +89,8 @@ class _Stepper:
     """Drives the generator over G groups of `block` rows (RAG-Token: the K passages; RAG-Sequence: 1)."""
 
     def __init__(self, gen: Any, prefix: Prefix, groups: int, block: int, prior: Tensor | None) -> None:
+        if len(prefix) != groups * block:
+            raise ValueError(f"the prefix holds {len(prefix)} rows; B*K = {groups * block} expected (row b*K + z)")
         self.gen, self.groups, self.block, self.prior = gen, groups, block, prior  # prior (G, block)
         device = prior.device if prior is not None else prefix.attention_mask.device
         self.offsets = torch.arange(block, device=device)  # (block,)

@@ -302,5 +302,7 @@ def test_bad_options_are_rejected(setup):
     gen, prefix, prior, _ = setup
     with pytest.raises(ValueError, match="num_return_sequences"):
         rag_token_generate(gen, prefix, prior, _config(num_beams=2, num_return_sequences=3))
+    with pytest.raises(ValueError, match="B\\*K = 4"):
+        rag_token_generate(gen, prefix, prior[:, :2], _config())
     with pytest.raises(ValueError, match="k must be"):
         answer(gen, QUESTIONS, PASSAGES, SCORES, "token", _config(), k=4)
