@@ -94,9 +94,9 @@ def _retrieval_record(ids: list[str], titles: list[str], scores: list[float], k:
     }
 
 
-def _hits(example: Example, texts: list[str], titles: list[str]) -> list[bool]:
-    shown = [f"{t} {x}" for t, x in zip(titles, texts, strict=True)]
-    return MT.passage_hits(example.answers, shown, regex_answers=example.answer_is_regex)
+def _hits(example: Example, texts: list[str]) -> list[bool]:
+    """Answer in each passage's text (DPR's top-k accuracy: the title does not count)."""
+    return MT.passage_hits(example.answers, texts, regex_answers=example.answer_is_regex)
 
 
 def _scores(example: Example, prediction: str, metric: MetricKind) -> dict[str, float | None]:
@@ -109,6 +109,8 @@ def _scores(example: Example, prediction: str, metric: MetricKind) -> dict[str, 
     return {
         "exact_match": MT.exact_match(prediction, example.answers),
         "f1": MT.token_f1(prediction, example.answers),
+        # an answer inside a longer reply (DPR's has_answer on the prediction): chat models answer in sentences
+        "contains_answer": float(MT.has_answer(example.answers, prediction)),
     }
 
 
@@ -253,7 +255,7 @@ def _records(batch: list[Example], config: EvalConfig, got: Any, gen: Any, prefi
         scores = got.scores.float()
         for b, (ex, rec) in enumerate(zip(batch, records, strict=True)):
             rec.update(_retrieval_record(got.ids[b], got.titles[b], scores[b].tolist(), config.k))
-            rec["hits"] = _hits(ex, got.texts[b], got.titles[b])
+            rec["hits"] = _hits(ex, got.texts[b])
         if config.mode == "retrieval-only":
             for rec, shown in zip(records, _passages(got, 1), strict=True):
                 rec["prediction"] = f"{shown[0][0]}. {shown[0][1]}"  # the top passage is the answer
@@ -411,7 +413,7 @@ def score_records(records: list[dict[str, Any]], config: EvalConfig) -> dict[str
     if config.mode == "retrieval-only":
         return {"answer_in_top_passage": _mean([r["correct"] for r in records])}
     if config.metric in ("qa", "classification"):
-        names = ("accuracy",) if config.metric == "classification" else ("exact_match", "f1")
+        names = ("accuracy",) if config.metric == "classification" else ("exact_match", "f1", "contains_answer")
         return {name: _mean([r.get(name) for r in records]) for name in names}
     scores = MT.score_generation(
         [r["prediction"] for r in records],

@@ -20,11 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rag.config import DecodingConfig, IndexConfig, from_dict
+from rag.corpus import Passage
 from rag.io import atomic_path
 from rag.tasks import Example
 
@@ -145,12 +146,8 @@ def derive_knowledge_base(
     rebuild of the rewritten passages. Changed passages get the id suffix "~b". Written atomically in
     the knowledge base layout (rag.knowledge), so Retriever.open and `rag eval --index` read it.
     """
-    from rag.corpus import Passage
     from rag.encoders import load_encoder, passage_text
-    from rag.index import DenseIndex
-    from rag.io import atomic_dir, atomic_write_text
-    from rag.knowledge import INDEX_DIR, META_FILE, PASSAGES_FILE, encoder_config, open_knowledge_base
-    from rag.store import write_passage_store
+    from rag.knowledge import encoder_config, open_knowledge_base
 
     base = open_knowledge_base(base_dir)
     rows = np.arange(len(base.passages))
@@ -165,13 +162,27 @@ def derive_knowledge_base(
     if changed:
         d_z = load_encoder(encoder_config(base.meta), device)
         vectors[changed] = d_z.encode([passage_text(passages[r].title, passages[r].text) for r in changed])
-    config = from_dict(IndexConfig, base.meta["index"])
+    meta = dict(base.meta, fingerprint=f"{base.meta['fingerprint']}+facts-b", derived_from=str(base_dir),
+                changed_passages=len(changed), changed_facts=[dataclasses.asdict(f) for f in facts])
+    return write_knowledge_base(passages, vectors, meta, out_dir)
+
+
+def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta: Mapping[str, Any],
+                         out_dir: Path | str) -> Path:
+    """A knowledge base folder (rag.knowledge's layout) from passages and their d(z) vectors (N, D),
+    written atomically; `meta` is a base's meta.json with what changed (its "index" config is used)."""
+    from rag.index import DenseIndex
+    from rag.io import atomic_dir, atomic_write_text
+    from rag.knowledge import INDEX_DIR, META_FILE, PASSAGES_FILE
+    from rag.store import write_passage_store
+
+    if len(passages) != vectors.shape[0]:
+        raise ValueError(f"{len(passages)} passages but {vectors.shape[0]} vectors")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        DenseIndex.build(vectors, config).save(tmp / INDEX_DIR)
+        DenseIndex.build(vectors, from_dict(IndexConfig, meta["index"])).save(tmp / INDEX_DIR)
         write_passage_store(passages, tmp / PASSAGES_FILE)
-        meta = dict(base.meta, fingerprint=f"{base.meta['fingerprint']}+facts-b", derived_from=str(base_dir),
-                    changed_passages=len(changed), changed_facts=[dataclasses.asdict(f) for f in facts])
+        meta = dict(meta, passages=len(passages), dim=int(vectors.shape[1]))
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
 

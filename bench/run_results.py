@@ -1,0 +1,328 @@
+"""The one command behind results/evaluation.md: `python bench/run_results.py`.
+
+Three knowledge bases, each queried with its own questions, with the default models (all-MiniLM-L6-v2 as
+q(x) and d(z), SmolLM2-135M-Instruct as generator):
+- wiki: the packaged Wikipedia summaries (the default knowledge base) with the Red-Trivia questions whose
+  answer occurs in one of its passages;
+- squad: SQuAD-open, the 2,067 SQuAD v1.1 dev paragraphs as corpus (../shared/data);
+- nq: NQ-open questions over their 2,655 gold passages plus the summaries and SQuAD paragraphs as
+  distractors (../shared/data/README.md's NQ knowledge base).
+SQuAD and NQ are "reserved" sets: figures are on the development four fifths (position i % 5 != 4).
+Per knowledge base: recall@{1,5,10,20} (retrieval alone) and exact match of closed-book, RAG-Token and
+RAG-Sequence (thorough, fast) at k in {1,5,10}; then the hot-swap 2x2 table and the throughput of
+`rag eval` (RAG-Token, k = 5) on --throughput questions. Every run is resumable (rag.evaluation):
+re-running continues where an interrupted run stopped. JSON goes to bench/out/run_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rag import metrics as MT
+from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, IndexConfig, RagConfig
+from rag.corpus import Passage
+from rag.eval_report import recall_curve, write_report
+from rag.evaluation import EvalConfig, EvalResult, evaluate, evaluate_many
+from rag.hotswap import hotswap_experiment, hotswap_markdown, write_knowledge_base
+from rag.io import atomic_write_text
+from rag.knowledge import build_knowledge_base, default_knowledge_base, open_knowledge_base
+from rag.model import RagModel
+from rag.resources import red_trivia_dir, shared_data_dir
+from rag.tasks import Example, read_task, split_reserved
+
+KS = (1, 5, 10)
+RECALL_KS = (1, 5, 10, 20)
+OUT = Path("bench/out")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------ knowledge bases
+
+
+def _jsonl(path: Path, docs: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def _build(name: str, docs: list[dict[str, str]], root: Path) -> Path:
+    out = root / f"kb-{name}"
+    if not (out / "meta.json").is_file():
+        log(f"building knowledge base {name} ({len(docs)} documents)")
+        corpus = _jsonl(root / f"corpus-{name}.jsonl", docs)
+        build_knowledge_base(CorpusConfig(source=str(corpus), format="jsonl"), EncoderConfig(), IndexConfig(), out)
+    return out
+
+
+def squad_kb(data: Path, root: Path) -> Path:
+    rows = [json.loads(line) for line in open(data / "squad_v1.1_dev" / "paragraphs.jsonl", encoding="utf-8")]
+    docs = [{"id": f"squad-{r['pid']}", "title": r["title"].replace("_", " "), "text": r["context"]} for r in rows]
+    return _build("squad", docs, root)
+
+
+def nq_kb(data: Path, root: Path, wiki: Path, squad: Path) -> Path:
+    """Gold passages (encoded here) + the wiki and SQuAD bases' passages and vectors as distractors."""
+    out = root / "kb-nq"
+    if (out / "meta.json").is_file():
+        return out
+    gold: dict[tuple[str, str], None] = {}
+    with gzip.open(data / "nq_open_gold_passages" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            for ctx in json.loads(line)["ctxs"]:
+                if ctx.get("isgold"):
+                    gold[(ctx["title"], ctx["text"])] = None
+    docs = [{"id": f"nq-{i}", "title": t, "text": x} for i, (t, x) in enumerate(gold)]
+    parts = {"nq": _build("nq-gold", docs, root), "wiki": wiki, "squad": squad}
+    passages: list[Passage] = []
+    vectors = []
+    for prefix, path in parts.items():
+        kb = open_knowledge_base(path)
+        rows = np.arange(len(kb.passages))
+        passages += [Passage(f"{prefix}:{p.id}", p.title, p.text) for p in kb.passages.get(rows)]
+        vectors.append(kb.index.embeddings(rows).astype(np.float32))
+    meta = dict(open_knowledge_base(parts["nq"]).meta, fingerprint="nq-gold+wiki+squad",
+                merged_from={k: str(v) for k, v in parts.items()})
+    log(f"merging knowledge base nq ({len(passages)} passages)")
+    return write_knowledge_base(passages, np.concatenate(vectors), meta, out)
+
+
+# ------------------------------------------------------------------------------ question sets
+
+
+def answers_in_kb(examples: list[Example], kb_dir: Path) -> list[Example]:
+    """The examples with an answer that occurs (DPR's has_answer) in some passage of the knowledge base."""
+    kb = open_knowledge_base(kb_dir)
+    texts = [p.text for p in kb.passages.get(np.arange(len(kb.passages)))]
+    where: dict[str, set[int]] = defaultdict(set)
+    for i, text in enumerate(texts):
+        for token in set(MT.dpr_tokens(text)):
+            where[token].add(i)
+    kept = []
+    for ex in examples:
+        for answer in ex.answers:
+            tokens = MT.dpr_tokens(answer)
+            if not tokens:
+                continue
+            rows = set.intersection(*(where.get(t, set()) for t in tokens))
+            if any(MT.has_answer([answer], texts[r]) for r in rows):
+                kept.append(ex)
+                break
+    return kept
+
+
+def sample(examples: list[Example], n: int, seed: int = 0) -> list[Example]:
+    if n >= len(examples):
+        return list(examples)
+    return sorted(random.Random(seed).sample(examples, n), key=lambda e: e.id)
+
+
+def question_sets(data: Path | None, wiki: Path, root: Path) -> dict[str, list[Example]]:
+    sets = {"wiki": answers_in_kb(read_task("red-trivia", red_trivia_dir()), wiki)}
+    if data is not None:
+        sets["squad"] = split_reserved(read_task("squad-open", data / "squad_v1.1_dev"), "dev")
+        sets["nq"] = split_reserved(
+            read_task("nq-gold", data / "nq_open_gold_passages" / "nq-open-oracle.jsonl.gz"), "dev"
+        )
+    return sets
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def grid(decoding: DecodingConfig, batch: int) -> list[tuple[str, EvalConfig]]:
+    common = {"decoding": decoding, "recall_ks": RECALL_KS, "batch_size": batch}
+    runs = [("closed-book", EvalConfig(mode="closed-book", **common))]
+    for k in KS:
+        runs.append((f"rag-token-k{k}", EvalConfig(kind="token", k=k, **common)))
+        for dec in ("thorough", "fast"):
+            seq = DecodingConfig(**{**decoding.__dict__, "decoding": dec})
+            runs.append((f"rag-sequence-{dec}-k{k}", EvalConfig(kind="sequence", k=k, **{**common, "decoding": seq})))
+    return runs
+
+
+def run_dataset(name: str, kb: Path, examples: list[Example], model: RagModel, args: argparse.Namespace,
+                decoding: DecodingConfig) -> dict[str, Any]:
+    from rag.retriever import Retriever
+
+    root = OUT / "results" / name
+    retriever = Retriever.open(kb, query_encoder=model.query_encoder)
+    recall_set = sample(examples, args.recall)
+    log(f"{name}: retrieval-only on {len(recall_set)} questions")
+    ret = evaluate(recall_set, root / "retrieval-only", retriever=retriever,
+                   config=EvalConfig(mode="retrieval-only", recall_ks=RECALL_KS, batch_size=64),
+                   task={"set": name, "n": len(recall_set)})
+    cell_set = sample(examples, args.cell)
+    log(f"{name}: {len(grid(decoding, args.batch))} generation runs on {len(cell_set)} questions")
+    results = evaluate_many(cell_set, [(c, root / n) for n, c in grid(decoding, args.batch)],
+                            retriever=retriever, generator=model.generator, task={"set": name, "n": len(cell_set)})
+    write_report([root / "retrieval-only", *(r.out_dir for r in results)], root, title=NAMES[name])
+    return {
+        "kb": str(kb), "kb_passages": len(retriever.index), "questions_available": len(examples),
+        "recall_n": ret.n, "recall": ret.recall, "answer_in_top_passage": ret.metrics["answer_in_top_passage"],
+        "cell_n": len(cell_set),
+        "em": {r.out_dir.name: r.metrics["exact_match"] for r in results},
+        "f1": {r.out_dir.name: r.metrics["f1"] for r in results},
+        "contains": {r.out_dir.name: r.metrics["contains_answer"] for r in results},
+        "generation_s": {r.out_dir.name: r.timing.generation_s for r in results},
+        "recall_curve": recall_curve(root / "retrieval-only"),
+    }
+
+
+def throughput(examples: list[Example], model: RagModel, decoding: DecodingConfig, n: int,
+               batch: int) -> EvalResult:
+    from rag.retriever import Retriever
+
+    log(f"throughput: rag eval RAG-Token k=5 on {n} questions")
+    out = OUT / "results" / "throughput"
+    if out.exists():  # throughput is measured on a fresh run, never a resumed one
+        import shutil
+
+        shutil.rmtree(out)
+    retriever = model.retriever if isinstance(model.retriever, Retriever) else None
+    return evaluate(sample(examples, n, seed=1), out, retriever=retriever, generator=model.generator,
+                    config=EvalConfig(kind="token", k=5, decoding=decoding, batch_size=batch),
+                    task={"set": "throughput", "n": n})
+
+
+# ------------------------------------------------------------------------------ the results file
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+NAMES = {"wiki": "Wikipedia summaries + Red-Trivia", "squad": "SQuAD-open (dev 4/5)", "nq": "NQ gold-passage KB (dev 4/5)"}
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    sets = report["datasets"]
+    lines = [
+        "# Evaluation results",
+        "",
+        f"Reproduce with `{command}` (default models: all-MiniLM-L6-v2 as q(x) and d(z), "
+        "SmolLM2-135M-Instruct as generator; exact flat index). "
+        f"Whole command: {report['wall_s'] / 60:.1f} min on this machine ({report['machine']}).",
+        "",
+        "SQuAD-open and the NQ gold-passage set are reserved sets (../shared/data/README.md): every figure",
+        "below is on their development four fifths (file position i % 5 != 4); the reserved fifth is not used.",
+        f"Decoding: {report['decoding']}. Exact match uses SQuAD normalisation against all answer aliases.",
+        "",
+        "## Knowledge bases and question sets",
+        "",
+        "| set | passages in KB | questions available | recall sample | generation sample (per cell) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, s in sets.items():
+        lines.append(f"| {NAMES[key]} | {s['kb_passages']:,} | {s['questions_available']:,} | {s['recall_n']} | {s['cell_n']} |")
+    lines += ["", "Red-Trivia: questions from every packaged list whose answer (any alias) occurs, as DPR's",
+              "has_answer defines it, in a passage of the default knowledge base; per list:", "",
+              "| list | questions kept |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(report["wiki_subsets"].items(), key=lambda kv: -kv[1])]
+    lines += ["", "## Retrieval: recall@k (answer string in the text of one of the top k passages, %)", "",
+              "| set | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |", "|---|" + "---|" * len(RECALL_KS)]
+    for key, s in sets.items():
+        lines.append(f"| {NAMES[key]} | " + " | ".join(_pct(s["recall"].get(k, s["recall"].get(str(k)))) for k in RECALL_KS) + " |")
+    rows = [("closed-book (no retrieval)", "closed-book"), ("RAG-Token", "rag-token-k{k}"),
+            ("RAG-Sequence thorough", "rag-sequence-thorough-k{k}"), ("RAG-Sequence fast", "rag-sequence-fast-k{k}")]
+    header = "| model | " + " | ".join(f"{NAMES[key].split(' (')[0]} k={k}" for key in sets for k in KS) + " |"
+    for title, field in (("Exact match (%)", "em"), ("Answer contained in the reply (%)", "contains")):
+        lines += ["", f"## {title}", "", header, "|---|" + "---|" * (len(sets) * len(KS))]
+        for label, pattern in rows:
+            cells = [_pct(s[field][pattern.format(k=k)]) for s in sets.values() for k in KS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("| retrieval-only (answer in the top passage) | " + " | ".join(
+            _pct(s["answer_in_top_passage"]) if k == 1 else "" for s in sets.values() for k in KS) + " |")
+    lines += ["", "Closed-book does not depend on k (one value repeated per column). \"Answer contained\": a gold",
+              "answer occurs in the generated reply as a token run (DPR's has_answer), since the 135M chat model",
+              "often answers in a sentence where exact match needs the bare answer.", "",
+              "## Knowledge hot-swap (the paper's 2x2 table)", "",
+              "Index A: the default knowledge base; index B: the same passages with the capitals of "
+              f"{report['hotswap']['n']} countries permuted among them (every mention, titles too; only the "
+              "changed passages re-encoded). Same model object, index swapped with `rag.hotswap.swap_index`; "
+              "questions are Red-Trivia's \"What is the capital of X?\" for those countries. A cell is the % of "
+              "answers that contain that version's capital.", "", report["hotswap"]["markdown"],
+              "## Throughput of `rag eval`", ""]
+    t = report["throughput"]
+    lines += [
+        f"RAG-Token, k = 5, greedy, on {t['n']} Red-Trivia questions, batch {t['batch']}, one fresh run:",
+        "",
+        "| questions | wall (s) | questions/s | retrieval (s, %) | generation (s, %) |",
+        "|---|---|---|---|---|",
+        f"| {t['n']} | {t['total_s']:.0f} | {t['questions_per_s']:.2f} | {t['retrieval_s']:.0f} "
+        f"({100 * t['retrieval_s'] / t['total_s']:.0f}%) | {t['generation_s']:.0f} "
+        f"({100 * t['generation_s'] / t['total_s']:.0f}%) |",
+        "",
+        "Retrieval = query encoding + exact inner-product search; generation = prompt prefill of the 5 passages",
+        "and greedy decoding. Per-run reports with plots (recall@k against k, metric against k):",
+        "`bench/out/results/<set>/report.md` (not committed).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", type=int, default=100, help="questions per exact-match cell")
+    parser.add_argument("--recall", type=int, default=1000, help="questions for recall@k")
+    parser.add_argument("--throughput", type=int, default=1000, help="questions for the throughput run")
+    parser.add_argument("--hotswap", type=int, default=40, help="hot-swap questions")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--results", default="results/evaluation.md")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    torch.set_grad_enabled(False)
+    decoding = DecodingConfig(num_beams=1, max_new_tokens=args.max_new_tokens)
+    data = shared_data_dir()
+    if data is None:
+        log("../shared/data is absent: SQuAD-open and NQ are skipped")
+    wiki = default_knowledge_base()
+    kbs = {"wiki": wiki}
+    if data is not None:
+        kbs["squad"] = squad_kb(data, OUT / "results")
+        kbs["nq"] = nq_kb(data, OUT / "results", wiki, kbs["squad"])
+    model = RagModel.from_config(RagConfig(k=5))
+    sets = question_sets(data, wiki, OUT / "results")
+    report: dict[str, Any] = {"datasets": {}, "decoding": "greedy (1 beam; RAG-Sequence: greedy under each "
+                              f"passage), at most {args.max_new_tokens} new tokens", "args": vars(args)}
+    counts: dict[str, int] = defaultdict(int)
+    for ex in sets["wiki"]:
+        counts[ex.subset or "?"] += 1
+    report["wiki_subsets"] = dict(counts)
+    for name, kb in kbs.items():
+        report["datasets"][name] = run_dataset(name, kb, sets[name], model, args, decoding)
+    log(f"hot-swap experiment on {args.hotswap} questions")
+    swap = hotswap_experiment(model, wiki, OUT / "results" / "hotswap", n_questions=args.hotswap)
+    report["hotswap"] = {"n": len(swap.facts), "table": swap.table, "top_passage": swap.top_passage,
+                         "markdown": hotswap_markdown(swap), "seconds": swap.seconds}
+    result = throughput(sets["wiki"], model, decoding, args.throughput, args.batch)
+    t = result.timing
+    report["throughput"] = {"n": t.questions, "batch": args.batch, "total_s": t.total_s, "retrieval_s": t.retrieval_s,
+                            "generation_s": t.generation_s, "questions_per_s": t.questions_per_s,
+                            "exact_match": result.metrics["exact_match"]}
+    report["wall_s"] = time.perf_counter() - started
+    report["machine"] = f"{torch.get_num_threads()} torch threads, CPU"
+    OUT.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(OUT / "run_results.json", json.dumps(report, indent=2, default=str))
+    command = "python bench/run_results.py" + ("" if argv is None else " " + " ".join(argv))
+    atomic_write_text(Path(args.results), markdown(report, command))
+    log(f"wrote {args.results} and {OUT / 'run_results.json'} in {report['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or None))
