@@ -188,6 +188,10 @@ def _generate(gen: Any, prefix: Any, doc_scores: torch.Tensor, config: EvalConfi
         }
         if with_passages:
             record["posterior"] = [round(p, 6) for p in out.doc_logposterior[b, 0].exp().tolist()]
+        if with_passages and out.token_doc_logposterior is not None:  # RAG-Token: p(z|x,y_<=i), Figure 2
+            steps = len(out.sequences[b][0])
+            per_token = out.token_doc_logposterior[b, 0, :steps].exp().tolist()  # (T, K)
+            record["token_posterior"] = [[round(p, 4) for p in row] for row in per_token]
         records.append(record)
     return records
 

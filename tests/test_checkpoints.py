@@ -153,3 +153,31 @@ def test_bad_folders_are_named(tmp_path):
         load_rag_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="architectures"):
         checkpoint_kind(json.loads('{"model_type": "rag", "architectures": ["RagModel"]}'), tmp_path)
+
+
+def test_rag_eval_runs_a_checkpoint_over_a_knowledge_base(loaded, tmp_path):
+    if loaded.family != "bart" or loaded.kind != "sequence":
+        pytest.skip("one configuration is enough for the command line")
+    from rag.cli import main
+    from rag.config import EncoderConfig, IndexConfig, to_dict
+    from rag.corpus import Passage
+    from rag.evaluation import read_predictions
+    from rag.hotswap import write_knowledge_base
+    from rag.knowledge import FORMAT, VERSION
+
+    passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(p for row in PASSAGES for p in row)]
+    # d(z) here is the checkpoint's own question encoder: any encoder of the same dimension will do
+    vectors = loaded.ckpt.query_encoder.encode([f"{p.title} {p.text}" for p in passages])
+    meta = {"format": FORMAT, "version": VERSION, "fingerprint": "test", "index": to_dict(IndexConfig()),
+            "encoder": to_dict(EncoderConfig(path=str(loaded.path)))}
+    write_knowledge_base(passages, vectors, meta, tmp_path / "kb")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": [t]}) + "\n"
+                            for q, t in zip(QUESTIONS, TARGETS, strict=True)), encoding="utf-8")
+    argv = ["eval", "--task", "nq-open", "--data", str(data), "--checkpoint", str(loaded.path), "--index",
+            str(tmp_path / "kb"), "-k", "2", "--beams", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert main(argv) == 0
+    records = read_predictions(tmp_path / "out" / "rag-sequence-thorough-k2" / "predictions.jsonl")
+    assert [r["kind"] for r in records] == ["sequence", "sequence"]  # the checkpoint's kind
+    assert all(len(r["doc_prior"]) == 2 and len(r["retrieved"]) == 6 for r in records)
