@@ -204,13 +204,19 @@ def _set_search_params(index: faiss.Index, config: IndexConfig) -> None:
 class DenseIndex:
     """Inner-product index over N stored passage embeddings of dimension D; row i = passage i."""
 
-    def __init__(self, embeddings: np.ndarray, config: IndexConfig, faiss_index: faiss.Index | None) -> None:
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        config: IndexConfig,
+        faiss_index: faiss.Index | None,
+        faiss_bytes: int | None = None,  # known file size; else measured by serialising the index
+    ) -> None:
         self.config = config
         self._emb = embeddings  # (N, D) in store_dtype(config), maybe memory-mapped
-        self._faiss = faiss_index
-        if faiss_index is not None:
-            _set_search_params(faiss_index, config)
-        self._faiss_bytes = 0 if faiss_index is None else len(faiss.serialize_index(faiss_index))
+        self._faiss = faiss_index  # may be shared by views from with_search_params
+        if faiss_bytes is None:
+            faiss_bytes = 0 if faiss_index is None else len(faiss.serialize_index(faiss_index))
+        self._faiss_bytes = faiss_bytes
 
     # -- construction
     @classmethod
@@ -272,13 +278,14 @@ class DenseIndex:
             raise DenseIndexError(
                 f"{path / FAISS_FILE}: {index.ntotal} vectors, meta.json says {meta['count']}"
             )
-        return cls(emb, config, index)
+        return cls(emb, config, index, (path / FAISS_FILE).stat().st_size if index is not None else 0)
 
     def with_search_params(self, **changes: Any) -> DenseIndex:
         """The same stored data with other search-time settings (nprobe, hnsw_ef_search, rerank_factor)."""
         import dataclasses
 
-        return DenseIndex(self._emb, dataclasses.replace(self.config, **changes), self._faiss)
+        config = dataclasses.replace(self.config, **changes)
+        return DenseIndex(self._emb, config, self._faiss, self._faiss_bytes)
 
     # -- queries
     def __len__(self) -> int:
@@ -311,6 +318,7 @@ class DenseIndex:
         if self._faiss is None:
             return exact_search(self._emb, q, k)
         c = k if self.config.kind == "hnsw" else min(len(self), k * max(1, self.config.rerank_factor))
+        _set_search_params(self._faiss, self.config)  # per call: views share one FAISS object
         _, cand = self._faiss.search(q, c)  # (B, C) candidate rows, -1 where none
         return rerank(self._emb, q, cand, k)
 

@@ -119,6 +119,9 @@ def test_ivfpq_stores_float16_and_rerank_matters(clustered_data) -> None:
     no_rerank = recall_at(index.search(q, 10).rows, truth)
     with_rerank = recall_at(index.with_search_params(rerank_factor=10).search(q, 10).rows, truth)
     assert with_rerank >= 0.95 and with_rerank > no_rerank
+    narrow = index.with_search_params(nprobe=1, rerank_factor=10)  # a view must not retune the original
+    assert recall_at(narrow.search(q, 10).rows, truth) < with_rerank
+    assert recall_at(index.search(q, 10).rows, truth) == no_rerank
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
