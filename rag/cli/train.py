@@ -1,0 +1,143 @@
+"""`rag train`: fine-tune q(x) and the generator end to end; `rag train plot` draws a run's curves.
+
+    rag train --train train.jsonl --dev dev.jsonl --out runs/rag-token --kind token -k 5 --steps 500
+    rag train --train train.jsonl --out runs/rag-token --resume          # continue from runs/.../checkpoint
+    rag train plot runs/rag-token/log.jsonl --out curves.png
+
+Defaults: the default knowledge base and its own encoder as q(x), SmolLM2-135M-Instruct as generator.
+The run folder gets log.jsonl (one JSON object per step) and checkpoint/ (loads with
+rag.train_checkpoint.load_rag_model(path)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from rag.config import EncoderConfig, GeneratorConfig, RagConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="fine-tune the query encoder and generator (RAG-Token/Sequence)")
+    p.add_argument("--train", dest="train_file", help="JSON Lines: input+target, or question+answers")
+    p.add_argument("--dev", dest="dev_file", help="JSON Lines dev set: exact match and recall@k per evaluation")
+    p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
+    p.add_argument("--index", default="", help="knowledge base folder (default: the packaged Wikipedia one)")
+    p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
+    p.add_argument("--generator", default="", help="generator folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--kind", choices=["token", "sequence"], default="token")
+    p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--generator-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freeze-query-encoder", action="store_true", help="the frozen-retriever ablation")
+    p.add_argument("--freeze-generator", action="store_true")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this invocation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    sub = p.add_subparsers(dest="train_command")
+    plot = sub.add_parser("plot", help="draw a run's curves (loss, lr, grad norm, p(z|x) entropy, dev) to a PNG")
+    plot.add_argument("log", help="the run's log.jsonl")
+    plot.add_argument("--out", dest="png", required=True, help="PNG file to write")
+    plot.set_defaults(func=run_plot)
+
+
+def rag_config(args: argparse.Namespace) -> RagConfig:
+    """The model the flags name; q(x) defaults to the knowledge base's own passage encoder."""
+    from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
+
+    index_dir = args.index or str(default_knowledge_base())
+    if args.query_encoder:
+        query_encoder = EncoderConfig(path=args.query_encoder)
+    else:
+        query_encoder = encoder_config(open_knowledge_base(index_dir).meta)
+    generator = GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig()
+    return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder, generator=generator,
+                     index_dir=index_dir)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from rag.model import RagModel
+    from rag.training import TrainConfig, read_examples, train
+
+    if not args.train_file or not args.out:
+        raise ValueError("rag train needs --train FILE and --out FOLDER (or: rag train plot LOG --out PNG)")
+    train_data = read_examples(args.train_file)
+    dev_data = read_examples(args.dev_file) if args.dev_file else []
+    config = TrainConfig(
+        rag=rag_config(args), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, generator_lr=args.generator_lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+        label_smoothing=args.label_smoothing, bf16=args.bf16, seed=args.seed,
+        freeze_query_encoder=args.freeze_query_encoder, freeze_generator=args.freeze_generator,
+        eval_every=args.eval_every, save_every=args.save_every,
+    )  # fmt: skip
+    model = RagModel.from_config(config.rag, args.device)
+    result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
+                   progress=not args.quiet, stop_after=args.stop_after)  # fmt: skip
+    summary = {"steps": result.steps, "checkpoint": str(result.checkpoint)}
+    if result.dev is not None:
+        summary["dev"] = dataclasses.asdict(result.dev)
+    print(json.dumps(summary))
+    return 0
+
+
+CURVES = (
+    ("loss", "training loss"),
+    ("lr", "learning rate"),
+    ("grad_norm", "gradient norm (before clipping)"),
+    ("doc_entropy", "entropy of p(z|x) (nats)"),
+    ("distinct_passages", "distinct passages per batch"),
+    ("dev", "dev exact match / recall@k"),
+)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rag.io import atomic_path
+
+    path = Path(args.log)
+    records = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {line_no}: not valid JSON ({error.msg})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+        names = ("dev_exact_match", "dev_recall_at_k", "dev_recall_at_1") if key == "dev" else (key,)
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if key == "dev":
+            ax.legend()
+    fig.tight_layout()
+    with atomic_path(args.png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    print(args.png)
+    return 0

@@ -1,0 +1,129 @@
+"""Training checkpoints: one folder, written atomically, that loads into RagModel with one argument.
+
+    checkpoint/
+      config.json        {"format", "step", "rag": RagConfig (model paths relative to this folder),
+                          "train": TrainConfig}
+      query_encoder/     q(x): transformers folder (model.safetensors, config.json, tokenizer)
+      generator/         the generator: transformers folder (model.safetensors, config.json, tokenizer)
+      trainer_state.pt   optimiser and schedule state, torch RNG state, step
+
+The passage encoder and the index are not copied: they never change during training, and the
+config names the knowledge base folder (`rag.index_dir`) they live in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rag.config import RagConfig, from_dict, to_dict
+from rag.io import atomic_dir
+
+if TYPE_CHECKING:
+    from rag.model import RagModel
+    from rag.training import TrainConfig
+
+FORMAT = "rag-train-checkpoint"
+CONFIG_FILE = "config.json"
+STATE_FILE = "trainer_state.pt"
+
+
+def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
+    """The run's RagConfig, pointing q(x) and the generator at this folder's copies."""
+    q = model.query_encoder
+    query_encoder = dataclasses.replace(
+        config.rag.query_encoder, path="query_encoder", kind="transformers", pooling=q.pooling,
+        normalize=q.normalize, max_length=q.max_length,
+    )  # fmt: skip
+    generator = dataclasses.replace(config.rag.generator, path="generator", family=model.generator.family)
+    index_dir = str(Path(config.rag.index_dir).resolve()) if config.rag.index_dir else ""
+    return dataclasses.replace(
+        config.rag, kind=model.kind, k=model.k, query_encoder=query_encoder, generator=generator,
+        index_dir=index_dir,
+    )  # fmt: skip
+
+
+def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, step: int) -> Path:  # fmt: skip
+    """Write the checkpoint folder; it replaces `path` in one rename, only once complete."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.query_encoder.model.save_pretrained(tmp / "query_encoder")
+        model.query_encoder.tokenizer.save_pretrained(tmp / "query_encoder")
+        model.generator.model.save_pretrained(tmp / "generator")
+        model.generator.tokenizer.save_pretrained(tmp / "generator")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, tmp / STATE_FILE)
+        rag = _saved_rag_config(model, config)
+        train = dataclasses.replace(config, rag=rag)
+        meta = {"format": FORMAT, "step": step, "rag": to_dict(rag), "train": to_dict(train)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    return path
+
+
+def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a finished training checkpoint")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
+    return meta
+
+
+def checkpoint_rag_config(path: Path | str) -> RagConfig:
+    """The checkpoint's RagConfig with its model paths made absolute."""
+    path = Path(path).resolve()
+    rag = from_dict(RagConfig, read_checkpoint_config(path)["rag"])
+    return dataclasses.replace(
+        rag,
+        query_encoder=dataclasses.replace(rag.query_encoder, path=str(path / rag.query_encoder.path)),
+        generator=dataclasses.replace(rag.generator, path=str(path / rag.generator.path)),
+    )
+
+
+def load_rag_model(path: Path | str, device: str | torch.device = "cpu") -> RagModel:
+    """A trained RagModel from its checkpoint folder: q(x), generator, knowledge base, kind and k."""
+    from rag.model import RagModel
+
+    return RagModel.from_config(checkpoint_rag_config(path), device)
+
+
+def _load_weights(module: nn.Module, file: Path) -> None:
+    """Load a transformers model.safetensors into `module`; only tied copies may be absent from it."""
+    state = load_file(str(file))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    params = dict(module.state_dict(keep_vars=True))
+    loaded = {params[name].data_ptr() for name in state if name in params}
+    untied = [name for name in missing if params[name].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"{file}: weights do not match the model (missing {untied}, unexpected {unexpected})")
+
+
+def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim.Optimizer,
+                       scheduler: Any) -> int:  # fmt: skip
+    """Restore weights, optimiser, schedule and RNG from a checkpoint; returns the step it holds."""
+    path = Path(path)
+    read_checkpoint_config(path)
+    _load_weights(model.query_encoder.model, path / "query_encoder" / "model.safetensors")
+    _load_weights(model.generator.model, path / "generator" / "model.safetensors")
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
