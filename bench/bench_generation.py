@@ -1,0 +1,229 @@
+"""Decoding speed: our RAG-Token beam search and RAG-Sequence thorough decoding against transformers'
+RagTokenForGeneration / RagSequenceForGeneration, side by side in one run, plus `rag ask` latency.
+
+Same weights on both sides (one random BART-base-sized module, shared), same passages, same document
+scores; outputs must be identical (checked, printed). The reference gets its own retriever layout
+(`RagRetriever.postprocess_docs`) cropped to the longest input instead of padded to 300, so the timing
+compares RAG decoding, not padding. Passages are real (the packaged Wikipedia summaries, first 100
+words); the word-level vocabulary is their most frequent words, BART-base sized.
+
+    python bench/bench_generation.py                 # the issue's setting: k=5, 4 beams, 8 questions, 20 tokens
+    python bench/bench_generation.py --tiny --no-ask # a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # rag, and the reference harness beside its tests
+
+from hf_reference import (  # noqa: E402
+    context_inputs,
+    random_generator,
+    reference_generate,
+    reference_model,
+    special_ids,
+    trim,
+    word_tokenizer,
+)
+from transformers import BartConfig  # noqa: E402
+
+from rag import decoding  # noqa: E402
+from rag.config import DecodingConfig, GeneratorConfig  # noqa: E402
+from rag.generators import Seq2SeqGenerator  # noqa: E402
+from rag.io import atomic_write_text  # noqa: E402
+from rag.resources import wiki_summaries_path  # noqa: E402
+
+Passages = list[list[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str
+    ours_s: float
+    reference_s: float
+    speedup: float
+    target: float
+    identical: bool
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _workload(batch: int, k: int, vocab: int) -> tuple[list[str], Passages, list[str]]:
+    """Questions about B articles, each with K other articles' first 100 words; the top words as vocabulary."""
+    summaries = json.loads(wiki_summaries_path().read_text())
+    counts: collections.Counter[str] = collections.Counter()
+    for doc in summaries.values():
+        counts.update(doc["extract"].split())
+        counts.update(doc["title"].split())
+    words = [w for w, _ in counts.most_common(vocab)]
+    titles = sorted(summaries)[:: max(1, len(summaries) // (batch * (k + 1)))]
+    questions = [f"what is {t} ?" for t in titles[:batch]]
+    passages = [
+        [(summaries[t]["title"], " ".join(summaries[t]["extract"].split()[:100])) for t in row]
+        for row in (titles[batch + k * b : batch + k * (b + 1)] for b in range(batch))
+    ]
+    return questions, passages, words
+
+
+def _model_config(vocab_size: int, tiny: bool) -> BartConfig:
+    size = (
+        dict(d_model=64, layers=2, heads=4, ffn=128)
+        if tiny
+        else dict(d_model=768, layers=6, heads=12, ffn=3072)
+    )
+    return BartConfig(  # bart-base's shape (BartConfig() alone is bart-large)
+        vocab_size=vocab_size,
+        d_model=size["d_model"],
+        encoder_layers=size["layers"],
+        decoder_layers=size["layers"],
+        encoder_attention_heads=size["heads"],
+        decoder_attention_heads=size["heads"],
+        encoder_ffn_dim=size["ffn"],
+        decoder_ffn_dim=size["ffn"],
+        max_position_embeddings=1024,
+    )
+
+
+def compare_decoding(args: argparse.Namespace) -> list[Row]:
+    questions, passages, words = _workload(args.batch, args.k, args.vocab)
+    tokenizer = word_tokenizer("bart", words)
+    model = random_generator(_model_config(len(tokenizer), args.tiny), seed=0)
+    ids = special_ids(model.config)
+    ours = Seq2SeqGenerator(model, tokenizer, GeneratorConfig(path="bart-base-random", max_input_tokens=300))
+    scores = 2.0 * torch.randn(args.batch, args.k, generator=torch.Generator().manual_seed(1))
+    config = DecodingConfig(num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=1)
+    rows = []
+    for kind, target in (("token", 1.5), ("sequence", 3.0)):
+        reference = reference_model(kind, model, args.k, max_combined_length=300)
+        ref_ids, ref_mask = context_inputs(reference, tokenizer, questions, passages)
+        width = int(ref_mask.sum(1).max())
+        ref_ids, ref_mask = ref_ids[:, :width], ref_mask[:, :width]
+
+        def run_ours(kind: str = kind) -> list[list[int]]:
+            out = decoding.answer(ours, questions, passages, scores, kind, config)
+            return [hyps[0] for hyps in out.sequences]
+
+        def run_reference(reference=reference, ref_ids=ref_ids, ref_mask=ref_mask) -> list[list[int]]:
+            out = reference_generate(
+                reference,
+                ref_ids,
+                ref_mask,
+                scores,
+                num_beams=args.beams,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=1,
+            )
+            return trim(out, ids)
+
+        warm = DecodingConfig(num_beams=args.beams, max_new_tokens=2, min_new_tokens=1)
+        decoding.answer(ours, questions[:1], passages[:1], scores[:1], kind, warm)  # first-call costs
+        reference_generate(
+            reference,
+            ref_ids[: args.k],
+            ref_mask[: args.k],
+            scores[:1],
+            num_beams=args.beams,
+            max_new_tokens=2,
+            min_new_tokens=1,
+        )
+        ours_s, ours_out = _timed(run_ours, args.repeats)
+        ref_s, ref_out = _timed(run_reference, args.repeats)
+        task = "RAG-Token beam" if kind == "token" else "RAG-Sequence thorough"
+        rows.append(Row(task, ours_s, ref_s, ref_s / ours_s, target, ours_out == ref_out))
+        print(
+            f"{task}: ours {ours_s:.2f}s, transformers {ref_s:.2f}s, identical={ours_out == ref_out}",
+            flush=True,
+        )
+        if ours_out != ref_out:
+            print("  ours:        ", ours_out, "\n  transformers:", ref_out, flush=True)
+    return rows
+
+
+def ask_latency(questions: list[str], kind: str) -> dict[str, float]:
+    """Seconds per question of `rag ask` with the defaults, after one warm-up question."""
+    from rag.cli.ask import Asker
+
+    start = time.perf_counter()
+    asker = Asker.load(kind=kind)
+    load_s = time.perf_counter() - start
+    asker.ask(questions[0])  # warm-up
+    times = []
+    for question in questions:
+        start = time.perf_counter()
+        asker.ask(question)
+        times.append(time.perf_counter() - start)
+    return {"load_s": load_s, "mean_s": sum(times) / len(times), "max_s": max(times)}
+
+
+ASK_QUESTIONS = [
+    "What is the capital of Angola?",
+    "Who wrote Hamlet?",
+    "What is the largest planet in the solar system?",
+    "In which country is the Nile river?",
+    "What language is spoken in Brazil?",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=50261, help="words (+4 specials): BART's 50265")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N timings per side")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer d=64 model: smoke test")
+    parser.add_argument("--no-ask", action="store_true", help="skip the `rag ask` latency")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "bench_generation.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    with torch.inference_mode():
+        rows = compare_decoding(args)
+    print(
+        f"\n| task (k={args.k}, {args.beams} beams, {args.batch} questions, {args.new_tokens} new tokens) "
+        "| ours s | transformers s | speed-up | target | identical |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r.task} | {r.ours_s:.2f} | {r.reference_s:.2f} | {r.speedup:.2f}x | {r.target:.1f}x | {r.identical} |"
+        )
+    result: dict[str, Any] = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "decoding": [asdict(r) for r in rows],
+    }
+    if not args.no_ask:
+        ask = {kind: ask_latency(ASK_QUESTIONS, kind) for kind in ("token", "sequence")}
+        result["ask"] = ask | {"target_s": 2.0, "questions": ASK_QUESTIONS}
+        print("\n| `rag ask` (defaults, k=5, after warm-up) | load s | mean s/question | max s | target |")
+        print("|---|---:|---:|---:|---:|")
+        for kind, t in ask.items():
+            print(f"| --kind {kind} | {t['load_s']:.1f} | {t['mean_s']:.2f} | {t['max_s']:.2f} | 2.0 |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0 if all(r.identical for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
