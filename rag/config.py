@@ -39,6 +39,14 @@ class EncoderConfig:
     max_length: int = 256
     batch_size: int = 64
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # q(x) = scale * pooled output. p(z|x) is a softmax over q(x).d(z); with normalised embeddings the
+    # scores are cosines in [-1, 1] and the softmax would be nearly flat, so the query side carries the
+    # temperature the encoder was trained with (sentence-transformers' contrastive loss uses 20).
+    # Rankings never change; only the prior's sharpness does. Keep 1.0 for the passage side.
+    scale: float = 1.0
+
+
+DEFAULT_QUERY_SCALE = 20.0  # all-MiniLM-L6-v2 was trained with MultipleNegativesRankingLoss(scale=20)
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class DecodingConfig:
 class RagConfig:
     kind: Literal["token", "sequence"] = "token"
     k: int = 5
-    query_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    query_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(scale=DEFAULT_QUERY_SCALE))
     passage_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
