@@ -41,12 +41,12 @@ class EncoderConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # q(x) = scale * pooled output. p(z|x) is a softmax over q(x).d(z); with normalised embeddings the
     # scores are cosines in [-1, 1] and the softmax would be nearly flat, so the query side carries the
-    # temperature the encoder was trained with (sentence-transformers' contrastive loss uses 20).
+    # temperature of a contrastive training loss (sentence-transformers' default: 20).
     # Rankings never change; only the prior's sharpness does. Keep 1.0 for the passage side.
     scale: float = 1.0
 
 
-DEFAULT_QUERY_SCALE = 20.0  # all-MiniLM-L6-v2 was trained with MultipleNegativesRankingLoss(scale=20)
+DEFAULT_QUERY_SCALE = 20.0  # the default scale of sentence-transformers' MultipleNegativesRankingLoss
 
 
 @dataclass(frozen=True)
