@@ -29,7 +29,11 @@ its j-th passage. Closed-book use passes K = 1 and no passage.
 Refinements (implementation notes, binding too):
 - Prefix and DecodeState are values: step / reorder / target_logprobs never change the objects they
   are given (caches are copied shallowly before a forward extends them), so a state may be stepped
-  twice or kept for later.
+  twice or kept for later. `prefix.select(rows)` gives a Prefix of those rows (cache rows copied).
+- DecodeState.rows (N,) is the prefix row each decoding row continues. A reorder that keeps every
+  row on its prefix row (beam search inside one (question, passage) group) shares the tensors that
+  depend only on the prefix (seq2seq: encoder output, its mask, the cross-attention cache) and
+  selects only the self-attention cache.
 - Seq2seq targets: the decoder reads [decoder_start_token_id] + ids[:, :-1], exactly what transformers'
   RagTokenForGeneration / RagSequenceForGeneration do with labels = [decoder_start] + ids (they feed
   labels as decoder input and score labels shifted left): `gen.decoder_start_token_id`.
@@ -43,6 +47,7 @@ Refinements (implementation notes, binding too):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import time
@@ -92,6 +97,20 @@ class Prefix:
     def __len__(self) -> int:
         return self.attention_mask.shape[0]
 
+    def select(self, rows: Tensor) -> Prefix:
+        """The prefix of rows `rows` (R',): tensors index-selected, cache rows copied."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows)
+
+        return Prefix(
+            attention_mask=self.attention_mask.index_select(0, rows),
+            hidden=pick(self.hidden),
+            cache=None if self.cache is None else _copy_cache(self.cache, rows),
+            positions=pick(self.positions),
+            first_logprobs=pick(self.first_logprobs),
+        )
+
 
 @dataclass(frozen=True)
 class DecodeState:
@@ -103,27 +122,34 @@ class DecodeState:
     hidden: Tensor | None = None  # seq2seq: encoder output (N, L, H)
     positions: Tensor | None = None  # causal: (N,) position id of the next token fed
     pending: Tensor | None = None  # causal: (N, V) first-token log-probs, returned by step(None)
+    rows: Tensor | None = None  # (N,) the prefix row each decoding row continues
 
     def __len__(self) -> int:
         return self.attention_mask.shape[0]
 
 
-def _cache_layers(cache: Cache) -> list[tuple[Tensor, Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
-
-
 def _copy_cache(cache: Cache, rows: Tensor | None = None) -> Cache:
-    """A new cache object (same tensors, or rows selected): a forward extends the copy, not `cache`."""
+    """A new cache object holding the same tensors (or their rows `rows`): a forward extends the copy,
+    not `cache`. Layer objects are copied shallowly, never their tensors: DynamicCache(pairs) would
+    concatenate every layer into fresh memory (DynamicLayer.update), a full copy at every step."""
     if isinstance(cache, EncoderDecoderCache):
+        # its constructor marks cross-attention layers that hold keys as computed: they are reused
         return EncoderDecoderCache(
             _copy_cache(cache.self_attention_cache, rows), _copy_cache(cache.cross_attention_cache, rows)
         )
-    layers = _cache_layers(cache)
-    if rows is not None and layers and _is_identity(rows, layers[0][0].shape[0]):
+    filled = [layer for layer in cache.layers if layer.is_initialized]
+    if rows is not None and filled and _is_identity(rows, filled[0].keys.shape[0]):
         rows = None  # every row once, in order (training): share the tensors, copy nothing
-    if rows is None:
-        return DynamicCache(layers)
-    return DynamicCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers])
+    out = copy.copy(cache)
+    out.layers = [_copy_layer(layer, rows) for layer in cache.layers]
+    return out
+
+
+def _copy_layer(layer, rows: Tensor | None):
+    out = copy.copy(layer)  # update() rebinds keys/values of the copy; the original's tensors stay
+    if rows is not None and layer.is_initialized:
+        out.keys, out.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    return out
 
 
 def _is_identity(rows: Tensor, n: int) -> bool:
@@ -272,6 +298,7 @@ class Seq2SeqGenerator(Generator):
             attention_mask=prefix.attention_mask.index_select(0, rows),
             cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
             hidden=prefix.hidden.index_select(0, rows),
+            rows=rows,
         )
 
     def step(self, state: DecodeState, tokens: Tensor | None) -> tuple[Tensor, DecodeState]:
@@ -289,12 +316,22 @@ class Seq2SeqGenerator(Generator):
         return _logsoftmax(out.logits[:, -1]), new_state
 
     def reorder(self, state: DecodeState, index: Tensor) -> DecodeState:
-        assert state.hidden is not None
+        assert state.hidden is not None and state.rows is not None
+        rows = state.rows.index_select(0, index)
+        cache = state.cache
+        if torch.equal(rows, state.rows) and isinstance(cache, EncoderDecoderCache):
+            # Every row stays on its prefix row: encoder output, mask and cross-attention keys are
+            # row for row what they were; only the generated tokens' cache moves.
+            moved = EncoderDecoderCache(
+                _copy_cache(cache.self_attention_cache, index), _copy_cache(cache.cross_attention_cache)
+            )
+            return replace(state, cache=moved)
         return replace(
             state,
             attention_mask=state.attention_mask.index_select(0, index),
             hidden=state.hidden.index_select(0, index),
-            cache=_copy_cache(state.cache, index),
+            cache=_copy_cache(cache, index),
+            rows=rows,
         )
 
 
@@ -306,6 +343,8 @@ class CausalGenerator(Generator):
     def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
         super().__init__(model, tokenizer, config)
         self.chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
+        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_logits_only = {"logits_to_keep": 1} if keeps else {}
         if self.chat:
             self.eos_token_id = self._end_of_turn_id()
 
@@ -374,19 +413,21 @@ class CausalGenerator(Generator):
             ]
         return self._tokenize(texts)
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache):
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache, **extra):
         return self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self.cache_kwarg: cache},
+            **extra,
         )
 
     def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
         mask = inputs.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, L): left padding starts each prompt at 0
-        out = self._forward(inputs.input_ids, mask, positions, DynamicCache())
+        # logits_to_keep=1: only the last position's logits are used (not (R, L, V))
+        out = self._forward(inputs.input_ids, mask, positions, DynamicCache(), **self.last_logits_only)
         return Prefix(
             attention_mask=mask,
             cache=_cache_of(out),
@@ -413,6 +454,7 @@ class CausalGenerator(Generator):
             cache=_copy_cache(prefix.cache, rows),
             positions=prefix.positions.index_select(0, rows),
             pending=prefix.first_logprobs.index_select(0, rows),
+            rows=rows,
         )
 
     def step(self, state: DecodeState, tokens: Tensor | None) -> tuple[Tensor, DecodeState]:
@@ -441,6 +483,7 @@ class CausalGenerator(Generator):
             cache=_copy_cache(state.cache, index),
             positions=state.positions.index_select(0, index),
             pending=None if state.pending is None else state.pending.index_select(0, index),
+            rows=None if state.rows is None else state.rows.index_select(0, index),
         )
 
 

@@ -11,6 +11,7 @@ Shapes: B questions, K passages, T target length, V vocabulary, D embedding dime
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -81,6 +82,13 @@ class RagModel(nn.Module):
         index_dir = config.index_dir or default_knowledge_base()
         retriever = Retriever.open(index_dir, query_encoder=query_encoder)
         return cls(query_encoder, retriever, load_generator(config.generator, device), config.kind, config.k)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> RagModel:
+        """A model trained by `rag train`: its RUN/checkpoint folder (rag.train_checkpoint's format)."""
+        from rag.train_checkpoint import load_rag_model
+
+        return load_rag_model(path, device)
 
     def encode_questions(self, questions: list[str]) -> Tensor:
         """q(x) with gradient: (B, D)."""

@@ -13,6 +13,7 @@ from rag.config import GeneratorConfig
 from rag.generators import (
     CausalGenerator,
     Seq2SeqGenerator,
+    _copy_cache,
     converted_gguf_dir,
     load_generator,
 )
@@ -106,6 +107,57 @@ def test_reorder_selects_rows_and_states_stay_unchanged(name):
         # Stepping and reordering made new states: the old one still gives the same distribution.
         again, _ = gen.step(state, targets.ids[:, 1])
         torch.testing.assert_close(again, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bart", "t5", "llama"])
+def test_reorder_within_prefix_rows_shares_what_only_the_prefix_decides(name):
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    rows = torch.tensor([0, 0, 3, 3])  # two beams on each of two (question, passage) rows
+    index = torch.tensor([1, 1, 3, 2])  # beam search: every new row continues a row of its prefix row
+    with torch.no_grad():
+        want = gen.target_logprobs(prefix, rows, targets.select(index))
+        _, state = gen.step(gen.start(prefix, rows), None)
+        _, state = gen.step(state, targets.ids[:, 0])
+        moved = gen.reorder(state, index)
+        got, _ = gen.step(moved, targets.ids[index, 1])
+    torch.testing.assert_close(got, want[:, 2], atol=1e-5, rtol=0)
+    if gen.family == "seq2seq":
+        assert moved.hidden is state.hidden and moved.attention_mask is state.attention_mask
+        cross = [layer.keys for layer in state.cache.cross_attention_cache.layers]
+        assert cross and all(
+            a is b for a, b in zip(cross, [x.keys for x in moved.cache.cross_attention_cache.layers], strict=True)
+        )
+    else:  # the causal cache holds prompt and generated tokens in one tensor per layer: all rows move
+        assert torch.equal(moved.rows, rows)
+
+
+@pytest.mark.parametrize("name", ["bart", "llama-chat"])
+def test_prefix_select_equals_reading_the_rows_in_place(name):
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    picked = prefix.select(ROWS)
+    assert len(picked) == len(ROWS)
+    with torch.no_grad():
+        want = gen.target_logprobs(prefix, ROWS, targets)
+        got = gen.target_logprobs(picked, torch.arange(len(ROWS)), targets)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        # the selection copied its rows: stepping it leaves the original prefix usable and unchanged
+        _, state = gen.step(gen.start(picked, torch.arange(len(ROWS))), None)
+        gen.step(state, targets.ids[:, 0])
+        torch.testing.assert_close(gen.target_logprobs(prefix, ROWS, targets), want, atol=0, rtol=0)
+
+
+def test_cache_copies_share_tensors_and_forwards_leave_the_original_alone():
+    gen = tiny_llama()
+    _, prefix, targets = _prefix_and_targets(gen)
+    copied = _copy_cache(prefix.cache)
+    assert all(a.keys is b.keys for a, b in zip(prefix.cache.layers, copied.layers, strict=True))
+    lengths = [layer.keys.shape[-2] for layer in prefix.cache.layers]
+    with torch.no_grad():
+        _, state = gen.step(gen.start(prefix, torch.arange(len(prefix))), None)
+        gen.step(state, targets.ids[:, 0])
+    assert [layer.keys.shape[-2] for layer in prefix.cache.layers] == lengths
 
 
 def test_targets_end_with_eos_and_chat_models_end_the_turn():

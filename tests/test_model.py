@@ -234,3 +234,11 @@ def test_default_models_answer_angola_with_luanda_from_the_angola_passage():
         with torch.no_grad():
             out = model(question * 3, ["Luanda", "Lisbon", "Cabinda"])
         assert int(out.nll.argmin()) == 0, (kind, out.nll.tolist())
+
+
+def test_from_checkpoint_reads_rag_train_checkpoints_only(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished training checkpoint"):
+        RagModel.from_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{"format": "rag-knowledge-base"}')
+    with pytest.raises(ValueError, match="field 'format'"):
+        RagModel.from_checkpoint(tmp_path)
