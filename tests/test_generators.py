@@ -125,9 +125,8 @@ def test_reorder_within_prefix_rows_shares_what_only_the_prefix_decides(name):
     if gen.family == "seq2seq":
         assert moved.hidden is state.hidden and moved.attention_mask is state.attention_mask
         cross = [layer.keys for layer in state.cache.cross_attention_cache.layers]
-        assert cross and all(
-            a is b for a, b in zip(cross, [x.keys for x in moved.cache.cross_attention_cache.layers], strict=True)
-        )
+        kept = [layer.keys for layer in moved.cache.cross_attention_cache.layers]
+        assert cross and all(a is b for a, b in zip(cross, kept, strict=True))
     else:  # the causal cache holds prompt and generated tokens in one tensor per layer: all rows move
         assert torch.equal(moved.rows, rows)
 

@@ -1,0 +1,227 @@
+"""The generator p_theta(y_i | x, z, y_<i): seq2seq (BART, T5) and decoder-only LMs behind one interface.
+This module holds the contract, the value types, the cache helpers and the shared Generator base;
+rag.generators re-exports everything (import from there).
+
+INTERFACE CONTRACT (decoding.py, model.py and training.py code against exactly this):
+
+Rows. A batch of B questions with K passages each is laid out row-major: row b*K + j is question b with
+its j-th passage. Closed-book use passes K = 1 and no passage.
+
+    gen.format_inputs(questions: list[str], passages: list[list[tuple[str, str]]] | None) -> GeneratorInputs
+        passages[b][j] = (title, text). Seq2seq: "title / text // question" (released RAG layout).
+        Causal: a prompt holding passage and question (chat template where the model has one).
+    gen.encode_targets(targets: list[str]) -> TargetBatch
+        ids (N, T) with eos appended, right-padded with pad_token_id; mask (N, T) bool.
+    gen.encode_prefix(inputs: GeneratorInputs) -> Prefix
+        Runs the part that depends only on (x, z) once: the seq2seq encoder, or the causal prompt
+        (prefill, key/value cache). Gradients flow when called under grad.
+    gen.target_logprobs(prefix: Prefix, rows: LongTensor (N,), targets: TargetBatch) -> Tensor (N, T, V)
+        Teacher-forced log-softmax over the vocabulary for each target position; target n is read
+        under prefix row rows[n] (so one prefix serves many hypotheses without re-encoding).
+        Position t is the distribution of targets.ids[n, t] given targets.ids[n, :t].
+    gen.start(prefix: Prefix, rows: LongTensor (N,)) -> DecodeState
+        A decoding state of N rows (row n continues prefix row rows[n]), before any generated token.
+    gen.step(state: DecodeState, tokens: LongTensor (N,) | None) -> tuple[Tensor (N, V), DecodeState]
+        Log-softmax of the next token. The first call passes None (distribution of the first target
+        token); each later call feeds the tokens just chosen. Uses and extends the key/value cache.
+    gen.reorder(state: DecodeState, index: LongTensor (N',)) -> DecodeState
+        Select / duplicate rows (beam search), cache included.
+    gen.eos_token_id, gen.pad_token_id, gen.vocab_size, gen.tokenizer, gen.family, gen.model (nn.Module)
+
+Refinements (implementation notes, binding too):
+- Prefix and DecodeState are values: step / reorder / target_logprobs never change the objects they
+  are given (caches are copied shallowly before a forward extends them), so a state may be stepped
+  twice or kept for later. `prefix.select(rows)` gives a Prefix of those rows (cache rows copied).
+- DecodeState.rows (N,) is the prefix row each decoding row continues. A reorder that keeps every
+  row on its prefix row (beam search inside one (question, passage) group) shares the tensors that
+  depend only on the prefix (seq2seq: encoder output, its mask, the cross-attention cache) and
+  selects only the self-attention cache.
+- Seq2seq targets: the decoder reads [decoder_start_token_id] + ids[:, :-1], exactly what transformers'
+  RagTokenForGeneration / RagSequenceForGeneration do with labels = [decoder_start] + ids (they feed
+  labels as decoder input and score labels shifted left): `gen.decoder_start_token_id`.
+- Causal targets: the prompt ends where the target starts (left padding). Without a chat template the
+  target is tokenised with a leading space (the prompt ends with "Answer:"); with one, eos is the
+  template's end-of-turn token (SmolLM2: <|im_end|>). Decode generated ids with
+  `gen.decode(ids)` (strips that space and special tokens).
+- gen.generator_config (GeneratorConfig) and gen.device; Generator is an nn.Module holding `model`,
+  so a RagModel that holds the generator trains and moves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, EncoderDecoderCache
+
+from rag.config import GeneratorConfig
+
+
+@dataclass(frozen=True)
+class GeneratorInputs:
+    input_ids: Tensor  # (R, L) long; causal: left-padded
+    attention_mask: Tensor  # (R, L) long
+    texts: list[str]  # the R formatted inputs, for inspection
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    ids: Tensor  # (N, T) long, eos appended, right-padded with pad_token_id
+    mask: Tensor  # (N, T) bool, True on real tokens (eos included)
+
+    def select(self, rows: Tensor) -> TargetBatch:
+        return TargetBatch(self.ids.index_select(0, rows), self.mask.index_select(0, rows))
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """What depends only on (x, z): R rows."""
+
+    attention_mask: Tensor  # (R, L) encoder (seq2seq) or prompt (causal) mask
+    hidden: Tensor | None = None  # seq2seq: encoder output (R, L, H)
+    cache: Cache | None = None  # causal: the prompt's key/value cache
+    positions: Tensor | None = None  # causal: (R,) position id of the first target token
+    first_logprobs: Tensor | None = None  # causal: (R, V) log p(y_1 | prompt)
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def select(self, rows: Tensor) -> Prefix:
+        """The prefix of rows `rows` (R',): tensors index-selected, cache rows copied."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows)
+
+        return Prefix(
+            attention_mask=self.attention_mask.index_select(0, rows),
+            hidden=pick(self.hidden),
+            cache=None if self.cache is None else _copy_cache(self.cache, rows),
+            positions=pick(self.positions),
+            first_logprobs=pick(self.first_logprobs),
+        )
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """N decoding rows; `steps` tokens fed so far (seq2seq counts decoder_start as step 1)."""
+
+    attention_mask: Tensor  # seq2seq: encoder mask (N, L); causal: prompt + generated mask (N, L + t)
+    cache: Cache
+    steps: int = 0
+    hidden: Tensor | None = None  # seq2seq: encoder output (N, L, H)
+    positions: Tensor | None = None  # causal: (N,) position id of the next token fed
+    pending: Tensor | None = None  # causal: (N, V) first-token log-probs, returned by step(None)
+    rows: Tensor | None = None  # (N,) the prefix row each decoding row continues
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+def _copy_cache(cache: Cache, rows: Tensor | None = None) -> Cache:
+    """A new cache object holding the same tensors (or their rows `rows`): a forward extends the copy,
+    not `cache`. Layer objects are copied shallowly, never their tensors: DynamicCache(pairs) would
+    concatenate every layer into fresh memory (DynamicLayer.update), a full copy at every step."""
+    if isinstance(cache, EncoderDecoderCache):
+        # its constructor marks cross-attention layers that hold keys as computed: they are reused
+        return EncoderDecoderCache(
+            _copy_cache(cache.self_attention_cache, rows), _copy_cache(cache.cross_attention_cache, rows)
+        )
+    filled = [layer for layer in cache.layers if layer.is_initialized]
+    if rows is not None and filled and _is_identity(rows, filled[0].keys.shape[0]):
+        rows = None  # every row once, in order (training): share the tensors, copy nothing
+    out = copy.copy(cache)
+    out.layers = [_copy_layer(layer, rows) for layer in cache.layers]
+    return out
+
+
+def _copy_layer(layer, rows: Tensor | None):
+    out = copy.copy(layer)  # update() rebinds keys/values of the copy; the original's tensors stay
+    if rows is not None and layer.is_initialized:
+        out.keys, out.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    return out
+
+
+def _is_identity(rows: Tensor, n: int) -> bool:
+    return rows.shape[0] == n and bool((rows == torch.arange(n, device=rows.device)).all())
+
+
+def _cache_of(output) -> Cache:
+    # transformers 5 renamed past_key_values to cache (inputs and outputs)
+    cache = output.get("cache")
+    return cache if cache is not None else output.past_key_values
+
+
+def _logsoftmax(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+class Generator(nn.Module):
+    """Shared parts: tokenizer handling, target encoding, the attributes the contract names."""
+
+    family: Literal["seq2seq", "causal"]
+
+    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.model = model
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style models: padding is masked anyway
+        self.tokenizer = tokenizer
+        self.generator_config = config
+        text_config = model.config.get_text_config()
+        self.vocab_size: int = int(text_config.vocab_size)
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else text_config.eos_token_id
+        self.eos_token_id: int = int(eos)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
+        self.pad_token_id: int = int(pad) if pad is not None else self.eos_token_id
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _target_text(self, text: str) -> str:
+        return text
+
+    @staticmethod
+    def _check_passages(questions: list[str], passages: list[list[tuple[str, str]]] | None) -> None:
+        if passages is None:
+            return
+        if len(passages) != len(questions):
+            raise ValueError(f"format_inputs: {len(questions)} questions but {len(passages)} passage lists")
+        if len({len(p) for p in passages}) > 1 or (passages and not passages[0]):
+            raise ValueError("format_inputs: every question needs the same number K >= 1 of passages")
+
+    def encode_targets(self, targets: list[str]) -> TargetBatch:
+        limit = self.generator_config.max_target_tokens - 1
+        seqs = [
+            self.tokenizer(self._target_text(t), add_special_tokens=False)["input_ids"][:limit]
+            + [self.eos_token_id]
+            for t in targets
+        ]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for n, s in enumerate(seqs):
+            ids[n, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[n, : len(s)] = True
+        return TargetBatch(ids.to(self.device), mask.to(self.device))
+
+    def decode(self, ids: list[int] | Tensor) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _tokenize(self, texts: list[str]) -> GeneratorInputs:
+        # Right padding and right truncation, as transformers' RagRetriever tokenises the encoder input.
+        enc = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.generator_config.max_input_tokens,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        return GeneratorInputs(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), texts)

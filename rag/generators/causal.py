@@ -1,0 +1,177 @@
+"""CausalGenerator: decoder-only LMs (Llama, SmolLM2, GPT-2); the prompt is prefilled once into a cache."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from rag.config import GeneratorConfig
+from rag.generators.base import (
+    DecodeState,
+    Generator,
+    GeneratorInputs,
+    Prefix,
+    TargetBatch,
+    _cache_of,
+    _copy_cache,
+    _logsoftmax,
+)
+
+CAUSAL_SYSTEM_PROMPT = "Answer the question using the passage. Reply with only the answer, in a few words."
+CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with only the answer, in a few words."
+
+
+class CausalGenerator(Generator):
+    """Any AutoModelForCausalLM: the prompt (passage + question) is prefilled once into a key/value cache."""
+
+    family = "causal"
+
+    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
+        super().__init__(model, tokenizer, config)
+        self.chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
+        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_logits_only = {"logits_to_keep": 1} if keeps else {}
+        if self.chat:
+            self.eos_token_id = self._end_of_turn_id()
+
+    def _end_of_turn_id(self) -> int:
+        """The first special token the template writes after an assistant message (Llama 3: <|eot_id|>)."""
+        marker = "RAGMARKER"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        after = self.tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids)
+        return next((int(t) for t in after if t in special), self.eos_token_id)
+
+    def _target_text(self, text: str) -> str:
+        # Without a template the prompt ends with "Answer:", so the answer's first word carries its space.
+        return text if self.chat else " " + text.lstrip()
+
+    def format_text(self, question: str, title: str | None, text: str | None) -> str:
+        if self.chat:
+            if title is None or text is None:
+                system, user = CLOSED_BOOK_SYSTEM_PROMPT, f"Question: {question}"
+            else:
+                system, user = CAUSAL_SYSTEM_PROMPT, f"Passage: {title}. {text}\n\nQuestion: {question}"
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if title is None or text is None:
+            return f"Question: {question}\nAnswer:"
+        return f"{title}. {text}\nQuestion: {question}\nAnswer:"
+
+    def _fit_passage(self, question: str, title: str, text: str) -> str:
+        """Shorten the passage (never the question or template) so the prompt fits max_input_tokens."""
+        limit = self.generator_config.max_input_tokens
+        prompt = self.format_text(question, title, text)
+        excess = len(self._ids(prompt)) - limit
+        if excess <= 0:
+            return prompt
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        short = self.tokenizer.decode(ids[: max(len(ids) - excess - 2, 0)])
+        return self.format_text(question, title, short)
+
+    def _ids(self, prompt: str) -> list[int]:
+        # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
+        return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
+
+    def _tokenize(self, texts: list[str]) -> GeneratorInputs:
+        """Left padding, so every prompt ends in the last column; too long a prompt loses its start."""
+        limit = self.generator_config.max_input_tokens
+        seqs = [self._ids(t)[-limit:] for t in texts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        return GeneratorInputs(ids.to(self.device), mask.to(self.device), texts)
+
+    def format_inputs(
+        self, questions: list[str], passages: list[list[tuple[str, str]]] | None
+    ) -> GeneratorInputs:
+        self._check_passages(questions, passages)
+        if passages is None:
+            texts = [self.format_text(q, None, None) for q in questions]
+        else:
+            texts = [
+                self._fit_passage(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
+            ]
+        return self._tokenize(texts)
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache, **extra):
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+            **extra,
+        )
+
+    def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
+        mask = inputs.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, L): left padding starts each prompt at 0
+        # logits_to_keep=1: only the last position's logits are used (not (R, L, V))
+        out = self._forward(inputs.input_ids, mask, positions, DynamicCache(), **self.last_logits_only)
+        return Prefix(
+            attention_mask=mask,
+            cache=_cache_of(out),
+            positions=mask.sum(-1),
+            first_logprobs=_logsoftmax(out.logits[:, -1]),
+        )
+
+    def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
+        first = prefix.first_logprobs.index_select(0, rows)[:, None]  # (N, 1, V)
+        n, t = targets.ids.shape
+        if t == 1:
+            return first
+        feed = targets.ids[:, :-1]  # (N, T-1); right padding never reaches an earlier position
+        mask = torch.cat([prefix.attention_mask.index_select(0, rows), feed.new_ones(n, t - 1)], dim=1)
+        positions = prefix.positions.index_select(0, rows)[:, None] + torch.arange(t - 1, device=feed.device)
+        out = self._forward(feed, mask, positions, _copy_cache(prefix.cache, rows))
+        return torch.cat([first, _logsoftmax(out.logits)], dim=1)  # (N, T, V)
+
+    def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
+        assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
+        return DecodeState(
+            attention_mask=prefix.attention_mask.index_select(0, rows),
+            cache=_copy_cache(prefix.cache, rows),
+            positions=prefix.positions.index_select(0, rows),
+            pending=prefix.first_logprobs.index_select(0, rows),
+            rows=rows,
+        )
+
+    def step(self, state: DecodeState, tokens: Tensor | None) -> tuple[Tensor, DecodeState]:
+        if (tokens is None) != (state.steps == 0):
+            raise ValueError("step: pass tokens=None on the first call only")
+        if tokens is None:
+            assert state.pending is not None
+            return state.pending, replace(state, pending=None, steps=1)
+        assert state.positions is not None
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(state), 1)], dim=1)
+        out = self._forward(tokens[:, None], mask, state.positions[:, None], _copy_cache(state.cache))
+        new_state = replace(
+            state,
+            attention_mask=mask,
+            cache=_cache_of(out),
+            positions=state.positions + 1,
+            steps=state.steps + 1,
+        )
+        return _logsoftmax(out.logits[:, -1]), new_state
+
+    def reorder(self, state: DecodeState, index: Tensor) -> DecodeState:
+        assert state.positions is not None
+        return replace(
+            state,
+            attention_mask=state.attention_mask.index_select(0, index),
+            cache=_copy_cache(state.cache, index),
+            positions=state.positions.index_select(0, index),
+            pending=None if state.pending is None else state.pending.index_select(0, index),
+            rows=None if state.rows is None else state.rows.index_select(0, index),
+        )

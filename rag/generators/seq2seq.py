@@ -1,0 +1,123 @@
+"""Seq2SeqGenerator: BART, T5 and any AutoModelForSeq2SeqLM, reading the released RAG input layout."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from rag.config import GeneratorConfig
+from rag.generators.base import (
+    DecodeState,
+    Generator,
+    GeneratorInputs,
+    Prefix,
+    TargetBatch,
+    _cache_of,
+    _copy_cache,
+    _logsoftmax,
+)
+
+
+class Seq2SeqGenerator(Generator):
+    """Any AutoModelForSeq2SeqLM; the encoder reads the released RAG checkpoints' input layout."""
+
+    family = "seq2seq"
+    title_sep = " / "
+    doc_sep = " // "
+
+    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
+        super().__init__(model, tokenizer, config)
+        self.decoder_start_token_id: int = int(model.config.decoder_start_token_id)
+        self.input_prefix: str = getattr(model.config, "prefix", None) or ""
+
+    def format_text(self, question: str, title: str | None, text: str | None) -> str:
+        """transformers' RagRetriever.postprocess_docs (cat_input_and_doc), character for character."""
+        if title is None or text is None:
+            return self.input_prefix + question
+        title = title.removeprefix('"').removesuffix('"')
+        out = self.input_prefix + title + self.title_sep + text + self.doc_sep + question
+        return out.replace("  ", " ")
+
+    def format_inputs(
+        self, questions: list[str], passages: list[list[tuple[str, str]]] | None
+    ) -> GeneratorInputs:
+        self._check_passages(questions, passages)
+        if passages is None:
+            texts = [self.format_text(q, None, None) for q in questions]
+        else:
+            texts = [
+                self.format_text(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
+            ]
+        return self._tokenize(texts)
+
+    def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
+        encoder = self.model.get_encoder()
+        hidden = encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
+        return Prefix(attention_mask=inputs.attention_mask, hidden=hidden)
+
+    def _decode_forward(self, hidden: Tensor, mask: Tensor, tokens: Tensor, cache: Cache | None):
+        return self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            decoder_input_ids=tokens,
+            **{self.cache_kwarg: cache},
+            use_cache=cache is not None,
+        )
+
+    def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        assert prefix.hidden is not None
+        start = targets.ids.new_full((targets.ids.shape[0], 1), self.decoder_start_token_id)
+        decoder_input = torch.cat([start, targets.ids[:, :-1]], dim=1)  # (N, T)
+        out = self._decode_forward(
+            prefix.hidden.index_select(0, rows),
+            prefix.attention_mask.index_select(0, rows),
+            decoder_input,
+            None,
+        )
+        return _logsoftmax(out.logits)  # (N, T, V)
+
+    def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
+        assert prefix.hidden is not None
+        return DecodeState(
+            attention_mask=prefix.attention_mask.index_select(0, rows),
+            cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+            hidden=prefix.hidden.index_select(0, rows),
+            rows=rows,
+        )
+
+    def step(self, state: DecodeState, tokens: Tensor | None) -> tuple[Tensor, DecodeState]:
+        if (tokens is None) != (state.steps == 0):
+            raise ValueError("step: pass tokens=None on the first call only")
+        if tokens is None:
+            tokens = torch.full(
+                (len(state),), self.decoder_start_token_id, dtype=torch.long, device=self.device
+            )
+        assert state.hidden is not None
+        out = self._decode_forward(
+            state.hidden, state.attention_mask, tokens[:, None], _copy_cache(state.cache)
+        )
+        new_state = replace(state, cache=_cache_of(out), steps=state.steps + 1)
+        return _logsoftmax(out.logits[:, -1]), new_state
+
+    def reorder(self, state: DecodeState, index: Tensor) -> DecodeState:
+        assert state.hidden is not None and state.rows is not None
+        rows = state.rows.index_select(0, index)
+        cache = state.cache
+        if torch.equal(rows, state.rows) and isinstance(cache, EncoderDecoderCache):
+            # Every row stays on its prefix row: encoder output, mask and cross-attention keys are
+            # row for row what they were; only the generated tokens' cache moves.
+            moved = EncoderDecoderCache(
+                _copy_cache(cache.self_attention_cache, index), _copy_cache(cache.cross_attention_cache)
+            )
+            return replace(state, cache=moved)
+        return replace(
+            state,
+            attention_mask=state.attention_mask.index_select(0, index),
+            hidden=state.hidden.index_select(0, index),
+            cache=_copy_cache(cache, index),
+            rows=rows,
+        )
