@@ -69,6 +69,7 @@ class Encoder(nn.Module):
         normalize: bool = False,
         max_length: int = 256,
         dtype: torch.dtype = torch.float32,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "pooler"):
@@ -78,6 +79,9 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
+        # A fixed temperature on the output (EncoderConfig.scale): q(x) = scale * normalize(h) makes
+        # p(z|x) = softmax(q . d) as sharp as the contrastive loss the encoder was trained with.
+        self.scale = float(scale)
         # bfloat16 weights: on CPUs with AMX / AVX512-BF16 encoding runs ~3x faster than float32 (the
         # matrix products dominate); outputs stay float32. Meant for d(z), which the paper never trains.
         self.model.to(dtype)
@@ -110,7 +114,8 @@ class Encoder(nn.Module):
         else:
             pooled = pool(out.last_hidden_state.float(), attention_mask, self.pooling)  # float32 sums
         pooled = pooled.float()
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        pooled = F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return pooled * self.scale if self.scale != 1.0 else pooled
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool | Any = False) -> np.ndarray:
         """(N,) texts -> (N, D) float32 vectors, no gradients, in the order given.
@@ -264,5 +269,7 @@ def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> E
     model = model_class.from_pretrained(layout.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(layout.model_dir)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    encoder = Encoder(model, tokenizer, layout.pooling, layout.normalize, layout.max_length, dtype)
+    encoder = Encoder(
+        model, tokenizer, layout.pooling, layout.normalize, layout.max_length, dtype, config.scale
+    )
     return encoder.to(device).eval()

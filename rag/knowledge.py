@@ -85,7 +85,8 @@ def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig
     key = {
         "version": VERSION,
         "corpus": to_dict(corpus),
-        "encoder": to_dict(encoder),
+        # scale is q(x)'s temperature: d(z) is built with 1.0 (checked in build_knowledge_base)
+        "encoder": {k: v for k, v in to_dict(encoder).items() if k != "scale"},
         "index": to_dict(index),
         "corpus_files": _files_signature(source, "corpus"),
         "encoder_files": _files_signature(resolve_path(encoder.path), "encoder"),
@@ -133,6 +134,10 @@ def _build(
     device: str,
 ) -> KnowledgeBaseInfo:
     start = time.perf_counter()
+    if encoder.scale != 1.0:
+        raise ValueError(
+            f"the passage encoder d(z) must have scale 1.0, got {encoder.scale}; scale q(x) instead"
+        )
     if index.kind == "factory" and not index.factory:
         raise ValueError(
             "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"

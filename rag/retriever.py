@@ -8,6 +8,7 @@ embeddings (the paper keeps d(z) and the index fixed, and so do we).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,17 @@ class Retriever:
         query_encoder: Encoder | None = None,
         encoder: EncoderConfig | None = None,
         device: str | torch.device = "cpu",
+        scale: float | None = None,
     ) -> Retriever:
-        """A retriever over a knowledge base folder; q(x) defaults to a fresh copy of its d(z) encoder."""
+        """A retriever over a knowledge base folder.
+
+        q(x) is `query_encoder`, else loaded from `encoder`, else a fresh copy of the folder's d(z)
+        encoder; `scale` (if given) sets the loaded q(x)'s temperature (EncoderConfig.scale).
+        """
         kb = open_knowledge_base(index_dir)
         if query_encoder is None:
             config = encoder or encoder_config(kb.meta)
+            config = config if scale is None else dataclasses.replace(config, scale=scale)
             if inspect_encoder_dir(config).kind == "dpr-context":
                 raise ValueError(
                     f"{index_dir}: d(z) is a DPR context encoder ({config.path}); give the matching "

@@ -104,6 +104,15 @@ def test_sentence_transformers_dir_matches_the_library(tmp_path, pooling, normal
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
+def test_scale_multiplies_the_output(st_dir):
+    plain = load_encoder(EncoderConfig(path=str(st_dir)))
+    hot = load_encoder(EncoderConfig(path=str(st_dir), scale=20.0))
+    assert hot.scale == 20.0
+    np.testing.assert_allclose(hot.encode(TEXTS), 20.0 * plain.encode(TEXTS), rtol=1e-5, atol=1e-5)
+    batch = hot.tokenize(TEXTS)
+    torch.testing.assert_close(hot(**batch), 20.0 * plain(**batch))
+
+
 def test_query_and_passage_encoders_have_separate_parameters(st_dir):
     q = load_encoder(EncoderConfig(path=str(st_dir)))
     d = load_encoder(EncoderConfig(path=str(st_dir)))

@@ -84,6 +84,29 @@ def test_retrieve_vectors_scores_are_q_dot_stored_embeddings(kb):
     np.testing.assert_allclose(got.embeddings.numpy(), index.embeddings(got.rows))
 
 
+def test_query_scale_keeps_the_ranking_and_sharpens_the_prior(kb):
+    path, _, _ = kb
+    plain = Retriever.open(path).retrieve(QUESTIONS, k=5)
+    hot = Retriever.open(path, scale=20.0).retrieve(QUESTIONS, k=5)
+    np.testing.assert_array_equal(hot.rows, plain.rows)
+    torch.testing.assert_close(hot.scores, 20.0 * plain.scores)
+    p_plain, p_hot = plain.scores.softmax(-1), hot.scores.softmax(-1)  # p(z|x) over the top k
+    assert bool((p_hot[:, 0] > p_plain[:, 0]).all())
+
+
+def test_passage_encoder_scale_must_be_one(tmp_path, kb):
+    _, encoder_dir, _ = kb
+    write_corpus(tmp_path / "docs.jsonl", docs=3)
+    with pytest.raises(ValueError, match="scale 1.0"):
+        build_knowledge_base(
+            CorpusConfig(source=str(tmp_path / "docs.jsonl")),
+            EncoderConfig(path=str(encoder_dir), scale=20.0),
+            IndexConfig(),
+            tmp_path / "kb",
+        )
+    assert not (tmp_path / "kb").exists()
+
+
 def test_retriever_rejects_bad_input(kb, tmp_path):
     path, _, passages = kb
     retriever = Retriever.open(path)
