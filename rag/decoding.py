@@ -1,7 +1,7 @@
 """Decoding: RAG-Token greedy / beam search and RAG-Sequence "thorough" / "fast" (Lewis et al. 2020, sec 2.5).
 
 Everything is batched over questions and passages on the generator's key/value cache (the INTERFACE
-CONTRACT in rag/generators.py). Shapes: B questions, K passages, nb beams, R returned sequences,
+CONTRACT in rag/generators/base.py). Shapes: B questions, K passages, nb beams, R returned sequences,
 V vocabulary, L = max_new_tokens.
 
 - RAG-Token: the decoder holds B*nb*K rows (passages innermost); each step's next-token distribution is

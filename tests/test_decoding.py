@@ -1,6 +1,6 @@
 """Decoding against brute force: every sequence over a tiny vocabulary is enumerated and scored by
 teacher forcing (gen.target_logprobs), independently of the incremental decoding path (gen.step with
-its key/value cache), on real tiny transformers models driven through rag/generators.py."""
+its key/value cache), on real tiny transformers models driven through rag/generators/."""
 
 from __future__ import annotations
 
