@@ -16,6 +16,7 @@ is in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -77,6 +78,13 @@ def _files_signature(path: Path, what: str) -> list[tuple[str, int, int]]:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     ]
+
+
+def sources_signature(corpus: CorpusConfig, encoder: EncoderConfig) -> str:
+    """A hash of the corpus and encoder files (names, sizes, mtimes)."""
+    source = wiki_summaries_path() if corpus.source.startswith(BUILTIN_PREFIX) else Path(corpus.source)
+    key = [_files_signature(source, "corpus"), _files_signature(resolve_path(encoder.path), "encoder")]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig) -> str:
@@ -164,6 +172,7 @@ def _build(
             "skipped_records": counts["skipped"],
             "dim": built.dim,
             "passage_text": "title. text (rag.encoders.passage_text)",
+            "sources": sources_signature(corpus, encoder),
             "build_seconds": round(time.perf_counter() - start, 3),
         }
         del built  # release the memory map before the folder is renamed
@@ -275,7 +284,33 @@ def default_knowledge_base(progress: bool = True) -> Path:
     with build_lock(out):  # several processes may ask at once: one builds, the others wait
         if (out / META_FILE).is_file():
             meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-            if meta.get("fingerprint") == fingerprint(corpus, encoder, index):
+            if same_build(meta, corpus, encoder, index):
                 return out
         _build(corpus, encoder, index, out, progress, "cpu")
     return out
+
+
+def same_build(
+    meta: dict[str, Any], corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig
+) -> bool:
+    """Whether a knowledge base's meta.json describes this build: same fingerprint, or the same configs
+    up to fields that do not change d(z) or the index (so a config field added later, at its default,
+    does not force a rebuild) and the same corpus and encoder files."""
+    if meta.get("fingerprint") == fingerprint(corpus, encoder, index):
+        return True
+    try:
+        built = (from_dict(CorpusConfig, meta["corpus"]), from_dict(EncoderConfig, meta["encoder"]),
+                 from_dict(IndexConfig, meta["index"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return False
+
+    def build_fields(e: EncoderConfig) -> EncoderConfig:
+        return dataclasses.replace(e, scale=1.0, batch_size=0)
+
+    return (
+        built[0] == corpus
+        and build_fields(built[1]) == build_fields(encoder)
+        and dataclasses.replace(built[2], hnsw_ef_search=0, nprobe=0, rerank_factor=0, shard_size=0)
+        == dataclasses.replace(index, hnsw_ef_search=0, nprobe=0, rerank_factor=0, shard_size=0)
+        and meta.get("sources", sources_signature(corpus, encoder)) == sources_signature(corpus, encoder)
+    )

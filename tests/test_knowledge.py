@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from tiny_encoders import WORDS_PER_PASSAGE, expected_passages, tiny_sentence_tr
 from rag.cli import main
 from rag.config import CorpusConfig, EncoderConfig, IndexConfig
 from rag.encoders import load_encoder, passage_text
-from rag.knowledge import PAUSE_ENV, build_knowledge_base, open_knowledge_base
+from rag.knowledge import PAUSE_ENV, build_knowledge_base, open_knowledge_base, same_build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,3 +153,19 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, corpus, encoder_dir, capsys):
     )
     assert f"encoder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "kb2").exists()
+
+
+def test_same_build_ignores_search_time_fields_but_not_corpus_changes(tmp_path, encoder_dir):
+    path = tmp_path / "docs.jsonl"
+    write_corpus(path, docs=5)
+    corpus, encoder, index = configs(path, encoder_dir)
+    build_knowledge_base(corpus, encoder, index, tmp_path / "kb", progress=False)
+    meta = open_knowledge_base(tmp_path / "kb").meta
+    assert same_build(meta, corpus, encoder, index)
+    relaxed = {k: v for k, v in meta.items() if k != "fingerprint"}  # force the field-by-field check
+    assert same_build(relaxed, corpus, replace(encoder, batch_size=7, scale=20.0), replace(index, nprobe=3))
+    assert not same_build(relaxed, replace(corpus, words_per_passage=10), encoder, index)
+    assert not same_build(relaxed, corpus, replace(encoder, max_length=16), index)
+    assert not same_build(relaxed, corpus, encoder, replace(index, kind="hnsw"))
+    os.utime(path, ns=(1, 1))  # the corpus file changed (its mtime, as an edit would)
+    assert not same_build(meta, corpus, encoder, index) and not same_build(relaxed, corpus, encoder, index)
