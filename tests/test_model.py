@@ -4,18 +4,29 @@ generator forwards without caches, and the paper's equations written out with ex
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+from tiny_encoders import tiny_sentence_transformers_dir, write_corpus
 from tiny_generators import tiny_generator, word_tokenizer
 from transformers import BertConfig, BertModel
 
-from rag.config import DecodingConfig, IndexConfig, RagConfig
+from rag.config import (
+    DEFAULT_QUERY_SCALE,
+    CorpusConfig,
+    DecodingConfig,
+    EncoderConfig,
+    GeneratorConfig,
+    IndexConfig,
+    RagConfig,
+)
 from rag.corpus import Passage
-from rag.encoders import Encoder, passage_text
+from rag.encoders import Encoder, load_encoder, passage_text
 from rag.index import DenseIndex
+from rag.knowledge import build_knowledge_base
 from rag.model import RagModel, doc_scores
 from rag.retriever import Retriever
 from rag.store import PassageStore, write_passage_store
@@ -242,3 +253,52 @@ def test_from_checkpoint_reads_rag_train_checkpoints_only(tmp_path):
     (tmp_path / "config.json").write_text('{"format": "rag-knowledge-base"}')
     with pytest.raises(ValueError, match="field 'format'"):
         RagModel.from_checkpoint(tmp_path)
+
+
+def test_from_config_builds_q_with_its_scale_sharper_prior_same_ranking(tmp_path):
+    """A tiny real knowledge base (normalised encoder, cosine scores) read through from_config twice:
+    q(x) at the RagConfig default scale 20 and at 1. Expected scores from brute force with an unscaled
+    copy of the encoder over the passages."""
+    enc = tiny_sentence_transformers_dir(tmp_path / "enc", seed=5)
+    write_corpus(tmp_path / "docs.jsonl", docs=12, seed=1)
+    corpus = CorpusConfig(source=str(tmp_path / "docs.jsonl"), words_per_passage=20)
+    build_knowledge_base(corpus, EncoderConfig(path=str(enc)), IndexConfig(), tmp_path / "kb", progress=False)
+    gen = tiny_generator("bart")
+    gen.model.save_pretrained(tmp_path / "gen")
+    gen.tokenizer.save_pretrained(tmp_path / "gen")
+    assert RagConfig().query_encoder.scale == DEFAULT_QUERY_SCALE == 20.0
+    base = RagConfig(
+        kind="sequence",
+        k=4,
+        query_encoder=dataclasses.replace(RagConfig().query_encoder, path=str(enc)),
+        generator=GeneratorConfig(path=str(tmp_path / "gen"), max_input_tokens=96),
+        index_dir=str(tmp_path / "kb"),
+    )
+    flat = dataclasses.replace(base, query_encoder=dataclasses.replace(base.query_encoder, scale=1.0))
+    questions = ["what is the capital of angola ?", "where is the largest river ?"]
+    outs = {}
+    for name, config in (("scaled", base), ("plain", flat)):
+        model = RagModel.from_config(config)
+        assert model.query_encoder.scale == config.query_encoder.scale
+        with torch.no_grad():
+            outs[name] = model(questions, ["luanda", "africa"])
+    scaled, plain = outs["scaled"], outs["plain"]
+    assert scaled.retrieved.rows.tolist() == plain.retrieved.rows.tolist()
+    unscaled = load_encoder(EncoderConfig(path=str(enc)))
+    q = unscaled.encode(questions)  # (B, D), unit norm
+    stored = unscaled.encode([passage_text(t, x) for t, x in zip(*_flat(scaled.retrieved), strict=True)])
+    cosines = np.einsum("bd,bkd->bk", q, stored.reshape(len(questions), 4, -1))  # (B, K)
+    torch.testing.assert_close(plain.retrieved.scores, torch.tensor(cosines), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled.retrieved.scores, 20 * torch.tensor(cosines), atol=2e-4, rtol=0)
+    torch.testing.assert_close(
+        scaled.doc_logprior, torch.log_softmax(20 * torch.tensor(cosines), 1), atol=2e-4, rtol=0
+    )
+
+    def entropy(logp: torch.Tensor) -> torch.Tensor:
+        return -(logp.exp() * logp).sum(1)  # (B,)
+
+    assert bool((entropy(scaled.doc_logprior) < entropy(plain.doc_logprior)).all())
+
+
+def _flat(retrieved) -> tuple[list[str], list[str]]:
+    return [t for row in retrieved.titles for t in row], [x for row in retrieved.texts for x in row]
