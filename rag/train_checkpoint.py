@@ -39,7 +39,7 @@ def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
     q = model.query_encoder
     query_encoder = dataclasses.replace(
         config.rag.query_encoder, path="query_encoder", kind="transformers", pooling=q.pooling,
-        normalize=q.normalize, max_length=q.max_length,
+        normalize=q.normalize, max_length=q.max_length, scale=q.scale,
     )  # fmt: skip
     generator = dataclasses.replace(config.rag.generator, path="generator", family=model.generator.family)
     index_dir = str(Path(config.rag.index_dir).resolve()) if config.rag.index_dir else ""

@@ -83,10 +83,11 @@ def test_retriever_learns_from_answers_alone_and_frozen_query_encoder_does_not(w
 
 def test_checkpoint_round_trip_loads_with_one_argument(world, tmp_path):
     _, rag, _, train_set, test_set = world
+    rag = dataclasses.replace(rag, query_encoder=dataclasses.replace(rag.query_encoder, scale=2.0))
     model = RagModel.from_config(rag)
     result = train(model, train_set, _config(rag, steps=3), out_dir=tmp_path / "run")
     loaded = load_rag_model(result.checkpoint)
-    assert (loaded.kind, loaded.k) == (model.kind, model.k)
+    assert (loaded.kind, loaded.k, loaded.query_encoder.scale) == (model.kind, model.k, 2.0)
     for a, b in ((model.query_encoder, loaded.query_encoder), (model.generator, loaded.generator)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
@@ -196,7 +197,7 @@ def test_cli_train_resume_and_plot(world, tmp_path, capsys):
     dev_file = write_qa_jsonl(task.test[:4], tmp_path / "dev.jsonl")
     run = tmp_path / "run"
     common = ["train", "--train", str(train_file), "--dev", str(dev_file), "--index", rag.index_dir,
-              "--query-encoder", rag.query_encoder.path, "--generator", rag.generator.path, "--kind", "token",
+              "--query-encoder", rag.query_encoder.path, "--query-scale", "1", "--generator", rag.generator.path, "--kind", "token",
               "-k", "4", "--batch-size", "8", "--steps", "4", "--lr", "1e-3", "--out", str(run),
               "--eval-every", "2", "--quiet"]  # fmt: skip
     assert cli_main([*common, "--stop-after", "3"]) == 0
@@ -208,7 +209,7 @@ def test_cli_train_resume_and_plot(world, tmp_path, capsys):
     assert all(0 <= r["doc_entropy"] <= math.log(4) + 1e-6 and r["distinct_passages"] <= 32 for r in log)
     assert "dev_exact_match" in log[1] and "dev_recall_at_k" in log[3] and "dev_exact_match" not in log[0]
     model = load_rag_model(run / "checkpoint")
-    assert (model.kind, model.k) == ("token", 4)
+    assert (model.kind, model.k, model.query_encoder.scale) == ("token", 4, 1.0)
     png = tmp_path / "curves.png"
     assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rag.config import EncoderConfig, GeneratorConfig, RagConfig
+from rag.config import DEFAULT_QUERY_SCALE, EncoderConfig, GeneratorConfig, RagConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
     p.add_argument("--index", default="", help="knowledge base folder (default: the packaged Wikipedia one)")
     p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
+    p.add_argument("--query-scale", type=float, default=DEFAULT_QUERY_SCALE,
+                   help="q(x) = scale * pooled output: the temperature of p(z|x) over cosine scores")
     p.add_argument("--generator", default="", help="generator folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--kind", choices=["token", "sequence"], default="token")
     p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
@@ -63,9 +65,10 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
 
     index_dir = args.index or str(default_knowledge_base())
     if args.query_encoder:
-        query_encoder = EncoderConfig(path=args.query_encoder)
+        query_encoder = EncoderConfig(path=args.query_encoder, scale=args.query_scale)
     else:
-        query_encoder = encoder_config(open_knowledge_base(index_dir).meta)
+        passage_side = encoder_config(open_knowledge_base(index_dir).meta)
+        query_encoder = dataclasses.replace(passage_side, scale=args.query_scale)
     generator = GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig()
     return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder, generator=generator,
                      index_dir=index_dir)  # fmt: skip
