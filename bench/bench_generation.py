@@ -158,21 +158,31 @@ def compare_decoding(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def ask_latency(questions: list[str], kind: str) -> dict[str, float]:
-    """Seconds per question of `rag ask` with the defaults, after one warm-up question."""
+def ask_latency(questions: list[str], kind: str, beams: int, dtype: str) -> dict[str, Any]:
+    """Seconds per question of `rag ask` (its Asker) after one warm-up question; the answers too."""
     from rag.cli.ask import Asker
 
     start = time.perf_counter()
-    asker = Asker.load(kind=kind)
+    config = DecodingConfig(num_beams=beams, max_new_tokens=32, min_new_tokens=1)
+    asker = Asker.load(kind=kind, config=config, dtype=dtype)
     load_s = time.perf_counter() - start
     asker.ask(questions[0])  # warm-up
-    times = []
+    times, answers = [], []
     for question in questions:
         start = time.perf_counter()
-        asker.ask(question)
+        answers.append(asker.ask(question).answer)
         times.append(time.perf_counter() - start)
-    return {"load_s": load_s, "mean_s": sum(times) / len(times), "max_s": max(times)}
+    return {"load_s": load_s, "mean_s": sum(times) / len(times), "max_s": max(times), "answers": answers}
 
+
+# (kind, beams, generator dtype): the `rag ask` defaults first, then the paper-like alternatives
+ASK_SETTINGS = [
+    ("token", 1, "auto"),
+    ("token", 1, "float32"),
+    ("token", 4, "auto"),
+    ("sequence", 1, "auto"),
+    ("sequence", 4, "auto"),
+]
 
 ASK_QUESTIONS = [
     "What is the capital of Angola?",
@@ -193,32 +203,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="best of N timings per side")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d=64 model: smoke test")
     parser.add_argument("--no-ask", action="store_true", help="skip the `rag ask` latency")
+    parser.add_argument("--ask-only", action="store_true", help="only the `rag ask` latency")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "bench_generation.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-
-    with torch.inference_mode():
-        rows = compare_decoding(args)
-    print(
-        f"\n| task (k={args.k}, {args.beams} beams, {args.batch} questions, {args.new_tokens} new tokens) "
-        "| ours s | transformers s | speed-up | target | identical |"
-    )
-    print("|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r.task} | {r.ours_s:.2f} | {r.reference_s:.2f} | {r.speedup:.2f}x | {r.target:.1f}x | {r.identical} |"
-        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
-        "settings": vars(args) | {"out": str(args.out)},
-        "decoding": [asdict(r) for r in rows],
+        "settings": vars(args) | {"out": str(args.out), "threads": torch.get_num_threads()}
     }
+    rows: list[Row] = []
+    if not args.ask_only:
+        with torch.inference_mode():
+            rows = compare_decoding(args)
+        print(
+            f"\n| task (k={args.k}, {args.beams} beams, {args.batch} questions, {args.new_tokens} new tokens) "
+            "| ours s | transformers s | speed-up | target | identical |"
+        )
+        print("|---|---:|---:|---:|---:|---|")
+        for r in rows:
+            print(
+                f"| {r.task} | {r.ours_s:.2f} | {r.reference_s:.2f} | {r.speedup:.2f}x | {r.target:.1f}x "
+                f"| {r.identical} |"
+            )
+        result["decoding"] = [asdict(r) for r in rows]
     if not args.no_ask:
-        ask = {kind: ask_latency(ASK_QUESTIONS, kind) for kind in ("token", "sequence")}
-        result["ask"] = ask | {"target_s": 2.0, "questions": ASK_QUESTIONS}
-        print("\n| `rag ask` (defaults, k=5, after warm-up) | load s | mean s/question | max s | target |")
+        ask = []
+        for kind, beams, dtype in ASK_SETTINGS:
+            t = ask_latency(ASK_QUESTIONS, kind, beams, dtype)
+            ask.append({"kind": kind, "beams": beams, "dtype": dtype} | t)
+            print(
+                f"ask --kind {kind} --beams {beams} --dtype {dtype}: {t['mean_s']:.2f} s/question", flush=True
+            )
+        result["ask"] = {"target_s": 2.0, "questions": ASK_QUESTIONS, "runs": ask}
+        print("\n| `rag ask` (k=5, after warm-up) | load s | mean s/question | max s | target |")
         print("|---|---:|---:|---:|---:|")
-        for kind, t in ask.items():
-            print(f"| --kind {kind} | {t['load_s']:.1f} | {t['mean_s']:.2f} | {t['max_s']:.2f} | 2.0 |")
+        for t in ask:
+            name = f"--kind {t['kind']} --beams {t['beams']} --dtype {t['dtype']}"
+            print(f"| {name} | {t['load_s']:.1f} | {t['mean_s']:.2f} | {t['max_s']:.2f} | 2.0 |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

@@ -6,7 +6,9 @@
     rag ask --json "..."                  # one JSON object per question
 
 Defaults: the packaged all-MiniLM-L6-v2 as q(x) and d(z), the built-in Wikipedia summaries in a flat
-index, SmolLM2-135M-Instruct as the generator, RAG-Token, k = 5. The first run builds the knowledge base
+index, SmolLM2-135M-Instruct as the generator, RAG-Token, k = 5, greedy decoding, and the generator in
+bfloat16 where the CPU computes it natively (AMX / AVX512-BF16), float32 elsewhere: the settings that
+answer in about a second or two on two cores (bench/bench_generation.py measures it). The first run builds the knowledge base
 and converts the generator once (both cached under rag.resources.cache_dir()); later runs load them.
 For each question the answer is followed by the k passages with their prior p(z|x) (from the retrieval
 scores) and posterior p(z|x,y) (Bayes over the passages given the answer, the paper's eq. 1 summands).
@@ -77,15 +79,19 @@ class Asker:
         index_dir: str = "",
         generator: str = "",
         device: str = "cpu",
+        dtype: str = "auto",
     ) -> Asker:
         """Default encoders, knowledge base (built on first use) and generator, unless paths are given."""
         from rag.model import RagModel
 
         if k < 1:
             raise ValueError(f"-k must be >= 1, got {k}")
-        rag_config = RagConfig(kind=kind, k=k, index_dir=index_dir)  # type: ignore[arg-type]
+        if dtype == "auto":
+            dtype = "bfloat16" if native_bfloat16(device) else "float32"
+        generator_config = GeneratorConfig(dtype=dtype)  # type: ignore[arg-type]
         if generator:
-            rag_config = replace(rag_config, generator=GeneratorConfig(path=generator))
+            generator_config = replace(generator_config, path=generator)
+        rag_config = RagConfig(kind=kind, k=k, index_dir=index_dir, generator=generator_config)  # type: ignore[arg-type]
         model = RagModel.from_config(rag_config, device)
         if k > len(model.retriever.index):
             raise ValueError(
@@ -146,6 +152,16 @@ class Asker:
         ]
 
 
+def native_bfloat16(device: str) -> bool:
+    """Whether bfloat16 matmuls run natively here (CPU: AMX or AVX512-BF16; CUDA: compute capability 8+)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def format_answer(answer: Answer, width: int = 100) -> str:
     """The human-readable report: answer, then each passage with prior -> posterior."""
     kind = "RAG-Token" if answer.kind == "token" else "RAG-Sequence"
@@ -173,7 +189,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.add_argument("--kind", choices=["token", "sequence"], default="token")
     p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
-    p.add_argument("--beams", type=int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--beams", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument(
         "--decoding", choices=["thorough", "fast"], default="thorough", help="RAG-Sequence decoding"
     )
@@ -182,6 +198,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default="", help="knowledge base folder (default: the built-in one)")
     p.add_argument("--generator", default="", help="generator path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="generator weights (auto: bfloat16 where the hardware computes it natively)",
+    )
     p.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     p.set_defaults(func=run)
 
@@ -211,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         min_new_tokens=args.min_new_tokens,
         decoding=args.decoding,
     )
-    asker = Asker.load(args.kind, args.k, config, args.index, args.generator, args.device)
+    asker = Asker.load(args.kind, args.k, config, args.index, args.generator, args.device, args.dtype)
     for question in _questions(args, sys.stdin):
         answer = asker.ask(question)
         print(to_json(answer) if args.json else format_answer(answer, args.width) + "\n", flush=True)
