@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from rag.config import DecodingConfig, IndexConfig, from_dict
 from rag.corpus import Passage
+from rag.decoding import generate as decoding_generate
 from rag.io import atomic_path
 from rag.tasks import Example
 
@@ -193,7 +195,7 @@ def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta:
 @dataclass(frozen=True)
 class HotSwapResult:
     facts: list[ChangedFact]
-    answers: dict[str, list[str]]  # index name ("A", "B") -> the answer to each fact's question
+    answers: dict[str, list[str]]  # index name ("A", "B"; "none": closed-book) -> each question's answer
     table: dict[str, dict[str, float]]  # index name -> facts name -> fraction of answers naming that fact
     top_passage: dict[str, dict[str, float]]  # the same for the top retrieved passage (retrieval alone)
     seconds: float
@@ -227,6 +229,12 @@ def run_hotswap(
         answers[name] = got
         table[name] = {which: _matches(got, facts, which) for which in ("A", "B")}
         top[name] = {which: _matches(tops, facts, which) for which in ("A", "B")}
+    # the same generator with no passage: what the model "knows" without any index (its parameters)
+    gen = model.generator
+    prefix = gen.encode_prefix(gen.format_inputs(questions, None))
+    out = decoding_generate(gen, prefix, torch.zeros(len(questions), 1), "token", decoding)
+    answers["none"] = [gen.decode(seqs[0]) for seqs in out.sequences]
+    table["none"] = {which: _matches(answers["none"], facts, which) for which in ("A", "B")}
     return HotSwapResult(list(facts), answers, table, top, time.perf_counter() - started)
 
 
@@ -238,16 +246,16 @@ def hotswap_markdown(result: HotSwapResult) -> str:
         "|---|---|---|---|",
     ]
     for name, row in result.table.items():
-        t = result.top_passage[name]
-        lines.append(
-            f"| {name} | {100 * row['A']:.1f} | {100 * row['B']:.1f} | {100 * t['A']:.1f} / {100 * t['B']:.1f} |"
-        )
+        t = result.top_passage.get(name)
+        top = f"{100 * t['A']:.1f} / {100 * t['B']:.1f}" if t else "-"
+        label = "none (closed-book)" if name == "none" else name
+        lines.append(f"| {label} | {100 * row['A']:.1f} | {100 * row['B']:.1f} | {top} |")
     lines += ["", f"{n} questions; {result.seconds:.0f} s for both indexes.", ""]
-    lines += ["| question | fact A | fact B | answer with index A | answer with index B |", "|---|---|---|---|---|"]
+    lines += ["| question | fact A | fact B | answer, index A | answer, index B | answer, no index |",
+              "|---|---|---|---|---|---|"]
     for i, f in enumerate(result.facts[:10]):
-        lines.append(
-            f"| {f.question} | {f.fact_a} | {f.fact_b} | {result.answers['A'][i]} | {result.answers['B'][i]} |"
-        )
+        got = [result.answers[name][i] for name in ("A", "B", "none")]
+        lines.append(f"| {f.question} | {f.fact_a} | {f.fact_b} | " + " | ".join(got) + " |")
     return "\n".join(lines) + "\n"
 
 
