@@ -53,7 +53,11 @@ class TrainConfig:
 class Example:
     input: str
     target: str
-    answers: tuple[str, ...] = ()  # QA: every accepted answer (the target is one of them)
+    answers: tuple[str, ...] = ()  # QA: every accepted answer (the target is one of them); () = (target,)
+
+    def __post_init__(self) -> None:
+        if not self.answers:
+            object.__setattr__(self, "answers", (self.target,))
 
 
 @dataclass(frozen=True)

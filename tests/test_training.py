@@ -182,6 +182,7 @@ def test_read_examples_and_bad_input(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"input": "q1", "target": "a"}\n\n{"question": "q2", "answers": ["b", "c"]}\n')
     assert read_examples(good) == [Example("q1", "a", ("a",)), Example("q2", "b", ("b", "c"))]
+    assert Example("q", "a").answers == ("a",)  # exact match and recall need the target as an answer
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "q1", "target": "a"}\n{"input": "q2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: line 2: field 'target'"):
