@@ -31,7 +31,6 @@ from tqdm import tqdm
 from rag import decoding
 from rag import metrics as MT
 from rag.config import DecodingConfig, to_dict
-from rag.generators import _copy_cache
 from rag.io import atomic_write_text
 from rag.tasks import FEVER_3WAY, Example, LabelSet
 
@@ -161,16 +160,7 @@ def _select_prefix(prefix: Any, batch: int, kmax: int, k: int) -> Any:
     if k == kmax:
         return prefix
     rows = (torch.arange(batch)[:, None] * kmax + torch.arange(k)[None, :]).reshape(-1)  # (B*k,)
-    rows = rows.to(prefix.attention_mask.device)
-
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.index_select(0, rows)
-
-    return dataclasses.replace(
-        prefix, attention_mask=pick(prefix.attention_mask), hidden=pick(prefix.hidden),
-        cache=None if prefix.cache is None else _copy_cache(prefix.cache, rows),
-        positions=pick(prefix.positions), first_logprobs=pick(prefix.first_logprobs),
-    )
+    return prefix.select(rows.to(prefix.attention_mask.device))
 
 
 def _generate(gen: Any, prefix: Any, doc_scores: torch.Tensor, config: EvalConfig,

@@ -220,3 +220,13 @@ def test_cli_eval_runs_each_k_and_writes_the_report(kb, tmp_path):
     assert report.count("| RAG-Token |") == 2 and report.count("| RAG-Sequence (fast) |") == 2
     assert "retrieval-only" in report
     assert main([*common, "--generator", str(tmp_path / "gen"), "--swap-index", str(tmp_path / "nowhere")]) == 2
+    # --query-scale multiplies q(x), so every retrieved score, and sharpens p(z|x)
+    scaled = [*common[:-5], "--out", str(tmp_path / "scaled"), "--no-progress", "--mode", "retrieval-only",
+              "--query-scale", "5"]
+    assert main(scaled) == 0
+    plain = read_predictions(tmp_path / "out" / "retrieval-only" / "predictions.jsonl")
+    sharp = read_predictions(tmp_path / "scaled" / "retrieval-only" / "predictions.jsonl")
+    for a, b in zip(plain, sharp, strict=True):
+        assert [p["id"] for p in a["retrieved"]] == [p["id"] for p in b["retrieved"]]
+        np.testing.assert_allclose([5 * p["score"] for p in a["retrieved"]], [p["score"] for p in b["retrieved"]],
+                                   rtol=1e-4)

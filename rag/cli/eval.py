@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--query-encoder", help="q(x) path (default: the knowledge base's own encoder)")
+    p.add_argument("--query-scale", type=float,
+                   help="q(x) = scale * pooled output, the prior's temperature (default: 20 for the default "
+                        "encoder, as RagConfig; 1 otherwise)")
     p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
     p.add_argument("-k", type=int, nargs="+", default=[5], help="passages marginalised; several values = several runs")
@@ -91,14 +94,19 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
 
 def _retriever(args: argparse.Namespace, query_encoder: Any) -> Any:
+    from rag.config import DEFAULT_ENCODER, DEFAULT_QUERY_SCALE
     from rag.encoders import load_encoder
-    from rag.knowledge import default_knowledge_base
+    from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
     from rag.retriever import Retriever
 
-    if query_encoder is None and args.query_encoder:
-        query_encoder = load_encoder(EncoderConfig(path=args.query_encoder), args.device)
     index = args.index or default_knowledge_base(progress=not args.no_progress)
-    return Retriever.open(index, query_encoder=query_encoder, device=args.device)
+    scale = args.query_scale
+    if scale is None:  # the default sentence encoder is scaled as RagConfig's q(x); DPR and others are not
+        d_z = args.query_encoder or encoder_config(open_knowledge_base(index).meta).path
+        scale = DEFAULT_QUERY_SCALE if d_z == DEFAULT_ENCODER else 1.0
+    if query_encoder is None and args.query_encoder:
+        query_encoder = load_encoder(EncoderConfig(path=args.query_encoder, scale=scale), args.device)
+    return Retriever.open(index, query_encoder=query_encoder, device=args.device, scale=scale)
 
 
 def run_name(mode: str, kind: str, decoding: str, k: int) -> str:
