@@ -332,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=2, help="processes running stages side by side")
     parser.add_argument("--only", default="", help="comma-separated stages, no report (used by the workers)")
+    parser.add_argument("--skip", default="", help="comma-separated stages left out of the report")
     parser.add_argument("--results", default="results/evaluation.md")
     parser.add_argument("--out", default="bench/out/results", help="run folders (resumable) and run_results.json")
     return parser.parse_args(argv)
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load = time.perf_counter(), os.getloadavg()[0]
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)  # more threads than free cores spin-wait (8-13x slower here)
-    stages = [s for s in args.only.split(",") if s] or list(STAGES)
+    stages = [s for s in args.only.split(",") if s] or [s for s in STAGES if s not in args.skip.split(",")]
     data = shared_data_dir()
     if data is None:
         log("../shared/data is absent: SQuAD-open and NQ are skipped")
