@@ -110,8 +110,9 @@ def run_eval(model: RagModel, test: list[TaskExample], out: Path, mode: str, kin
     config = EvalConfig(mode=mode, kind=kind, k=5, recall_ks=(1, 5), batch_size=8, progress=False,
                         decoding=DecodingConfig(num_beams=1, max_new_tokens=16))  # fmt: skip
     start = time.perf_counter()
-    result = evaluate(test, out, retriever=model.retriever if mode == "rag" else None, generator=model.generator,
-                      config=config)  # fmt: skip
+    with torch.inference_mode():  # without it a trained model's decoding kept autograd graphs (16 GB, OOM)
+        result = evaluate(test, out, retriever=model.retriever if mode == "rag" else None,
+                          generator=model.generator, config=config)  # fmt: skip
     metrics: dict[str, Any] = dict(result.metrics)
     metrics.update({f"recall@{k}": v for k, v in result.recall.items()})
     metrics["eval_questions_per_s"] = len(test) / (time.perf_counter() - start)
@@ -125,24 +126,25 @@ def real(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     base = RagModel.from_config(RagConfig(kind="token", k=5, index_dir=str(kb_dir)))
     initial = copy.deepcopy(base.state_dict())
     rows: dict[str, Any] = {}
-    rows["closed book"] = run_eval(base, data["test"], out / "closed-book", "closed-book", "token")
-    print("closed book", rows["closed book"], flush=True)
-    rows["RAG-Token, before fine-tuning"] = run_eval(base, data["test"], out / "rag-before", "rag", "token")
-    print(rows["RAG-Token, before fine-tuning"], flush=True)
-    for name, kind, frozen in (("RAG-Token, fine-tuned", "token", False),
-                               ("RAG-Sequence, fine-tuned", "sequence", False),
-                               ("RAG-Token, fine-tuned, q(x) frozen", "token", True)):  # fmt: skip
+    if not args.no_baselines:
+        rows["closed book"] = run_eval(base, data["test"], out / "closed-book", "closed-book", "token")
+        print("closed book", rows["closed book"], flush=True)
+        rows["RAG-Token, before fine-tuning"] = run_eval(base, data["test"], out / "rag-before", "rag", "token")
+        print(rows["RAG-Token, before fine-tuning"], flush=True)
+    runs = {"token": ("RAG-Token, fine-tuned", "token", False), "sequence": ("RAG-Sequence, fine-tuned", "sequence", False),
+            "frozen": ("RAG-Token, fine-tuned, q(x) frozen", "token", True)}  # fmt: skip
+    for name, kind, frozen in (runs[r] for r in args.runs):
         base.load_state_dict(initial)
         base.kind = kind
         config = TrainConfig(rag=dataclasses.replace(RagConfig(kind=kind, k=5), index_dir=str(kb_dir)),
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.steps // 10,
+                             steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.steps // 10,
                              schedule="linear", bf16=args.bf16, seed=args.seed, freeze_query_encoder=frozen)  # fmt: skip
         start = time.perf_counter()
         result = train(base, _training_examples(data["train"]), config, _training_examples(data["dev"]),
                        out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))  # fmt: skip
         seconds = time.perf_counter() - start
         metrics = run_eval(base, data["test"], out / f"eval-{kind}-{'frozen' if frozen else 'trained'}", "rag", kind)
-        metrics["train_questions_per_s"] = args.steps * args.batch_size / seconds
+        metrics["train_questions_per_s"] = args.steps * args.batch_size * args.grad_accum / seconds
         metrics["train_losses"] = result.losses
         metrics["dev"] = dataclasses.asdict(result.dev) if result.dev else None
         rows[name] = metrics
@@ -174,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev", type=int, default=0, help="dev questions (EM/recall in each run's log)")
     parser.add_argument("--test", type=int, default=48)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1, help="questions per micro-batch (memory)")
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-only", action="store_true")
     parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--no-baselines", action="store_true", help="skip closed book and RAG before fine-tuning")
+    parser.add_argument("--runs", nargs="+", choices=["token", "sequence", "frozen"],
+                        default=["token", "sequence", "frozen"], help="fine-tuning runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "train_experiment")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
