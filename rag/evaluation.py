@@ -209,6 +209,7 @@ def _passages(got: Any, k: int) -> list[list[tuple[str, str]]]:
     return [list(zip(t[:k], x[:k], strict=True)) for t, x in zip(got.titles, got.texts, strict=True)]
 
 
+@torch.no_grad()  # evaluation never needs a graph; the prefix cache would keep one alive (GBs)
 def _run_batch(batch: list[Example], runs: list[_Run], retriever: Any, generator: Any, depth: int) -> None:
     """Retrieve once, prefill once (top kmax passages), then decode each run's configuration."""
     questions = [ex.input for ex in batch]
