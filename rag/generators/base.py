@@ -196,6 +196,26 @@ class Generator(nn.Module):
         if len({len(p) for p in passages}) > 1 or (passages and not passages[0]):
             raise ValueError("format_inputs: every question needs the same number K >= 1 of passages")
 
+    def format_inputs(
+        self, questions: list[str], passages: list[list[tuple[str, str]]] | None
+    ) -> GeneratorInputs:
+        """Rows b*K + j: question b with its j-th passage (title, text); passages=None is closed book."""
+        self._check_passages(questions, passages)
+        if passages is None:
+            texts = [self.format_text(q, None, None) for q in questions]
+        else:
+            texts = [
+                self._passage_prompt(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
+            ]
+        return self._tokenize(texts)
+
+    def format_text(self, question: str, title: str | None, text: str | None) -> str:
+        raise NotImplementedError
+
+    def _passage_prompt(self, question: str, title: str, text: str) -> str:
+        """One (question, passage) input; a family that must fit a length budget overrides this."""
+        return self.format_text(question, title, text)
+
     def encode_targets(self, targets: list[str]) -> TargetBatch:
         limit = self.generator_config.max_target_tokens - 1
         seqs = [

@@ -64,7 +64,7 @@ class CausalGenerator(Generator):
             return f"Question: {question}\nAnswer:"
         return f"{title}. {text}\nQuestion: {question}\nAnswer:"
 
-    def _fit_passage(self, question: str, title: str, text: str) -> str:
+    def _passage_prompt(self, question: str, title: str, text: str) -> str:
         """Shorten the passage (never the question or template) so the prompt fits max_input_tokens."""
         limit = self.generator_config.max_input_tokens
         prompt = self.format_text(question, title, text)
@@ -90,18 +90,6 @@ class CausalGenerator(Generator):
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
         return GeneratorInputs(ids.to(self.device), mask.to(self.device), texts)
-
-    def format_inputs(
-        self, questions: list[str], passages: list[list[tuple[str, str]]] | None
-    ) -> GeneratorInputs:
-        self._check_passages(questions, passages)
-        if passages is None:
-            texts = [self.format_text(q, None, None) for q in questions]
-        else:
-            texts = [
-                self._fit_passage(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
-            ]
-        return self._tokenize(texts)
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache, **extra):
         return self.model(

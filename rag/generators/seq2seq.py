@@ -42,18 +42,6 @@ class Seq2SeqGenerator(Generator):
         out = self.input_prefix + title + self.title_sep + text + self.doc_sep + question
         return out.replace("  ", " ")
 
-    def format_inputs(
-        self, questions: list[str], passages: list[list[tuple[str, str]]] | None
-    ) -> GeneratorInputs:
-        self._check_passages(questions, passages)
-        if passages is None:
-            texts = [self.format_text(q, None, None) for q in questions]
-        else:
-            texts = [
-                self.format_text(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
-            ]
-        return self._tokenize(texts)
-
     def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
         encoder = self.model.get_encoder()
         hidden = encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
