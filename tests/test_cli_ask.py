@@ -17,18 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_generators import tiny_generator, word_tokenizer
-from transformers import BertConfig, BertModel
+from tiny_encoders import word_encoder, word_retriever
+from tiny_generators import tiny_generator
 
 from rag.cli import build_parser, main
 from rag.cli.ask import Asker, _questions, format_answer, to_json
-from rag.config import DecodingConfig, IndexConfig
+from rag.config import DecodingConfig
 from rag.corpus import Passage
-from rag.encoders import Encoder, passage_text
-from rag.index import DenseIndex
 from rag.model import RagModel
-from rag.retriever import Retriever
-from rag.store import PassageStore, write_passage_store
 
 PASSAGES = [
     Passage("0", "angola", "luanda is the capital city of angola in africa"),
@@ -41,31 +37,12 @@ QUESTION = "what is the capital of angola ?"
 K = 3
 
 
-def _tiny_encoder(seed: int) -> Encoder:
-    tokenizer = word_tokenizer(["<pad>", "<unk>"])
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return Encoder(BertModel(config), tokenizer, pooling="mean", normalize=False).eval()
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """(query encoder, stored d(z) (N, D), retriever, generator)."""
-    query_encoder, passage_encoder = _tiny_encoder(1), _tiny_encoder(2)
-    stored = passage_encoder.encode([passage_text(p.title, p.text) for p in PASSAGES])
+    query_encoder = word_encoder(1)
     path = tmp_path_factory.mktemp("kb") / "passages.arrow"
-    write_passage_store(PASSAGES, path)
-    retriever = Retriever(
-        DenseIndex.build(stored, IndexConfig(kind="flat")), PassageStore.open(path), query_encoder
-    )
+    stored, retriever = word_retriever(PASSAGES, path, query_encoder, word_encoder(2))
     return query_encoder, stored, retriever, tiny_generator("bart", seed=3)
 
 

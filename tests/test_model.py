@@ -10,9 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_encoders import tiny_sentence_transformers_dir, write_corpus
-from tiny_generators import tiny_generator, word_tokenizer
-from transformers import BertConfig, BertModel
+from tiny_encoders import tiny_sentence_transformers_dir, word_encoder, word_retriever, write_corpus
+from tiny_generators import tiny_generator
 
 from rag.config import (
     DEFAULT_QUERY_SCALE,
@@ -25,11 +24,8 @@ from rag.config import (
 )
 from rag.corpus import Passage
 from rag.encoders import Encoder, load_encoder, passage_text
-from rag.index import DenseIndex
 from rag.knowledge import build_knowledge_base
 from rag.model import RagModel, doc_scores
-from rag.retriever import Retriever
-from rag.store import PassageStore, write_passage_store
 
 PASSAGES = [
     Passage("0", "angola", "luanda is the capital city of angola in africa"),
@@ -44,32 +40,13 @@ QUESTIONS = ["what is the capital of angola ?", "who wrote the book ?", "where i
 TARGETS = ["luanda", "one two", "africa"]
 
 
-def tiny_encoder(seed: int) -> Encoder:
-    tokenizer = word_tokenizer(["<pad>", "<unk>"])
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return Encoder(BertModel(config), tokenizer, pooling="mean", normalize=False).eval()
-
-
 @pytest.fixture(scope="module")
 def kb(tmp_path_factory):
     """(query encoder, passage encoder, stored d(z) (N, D), retriever)."""
-    query_encoder, passage_encoder = tiny_encoder(1), tiny_encoder(2)
-    stored = passage_encoder.encode([passage_text(p.title, p.text) for p in PASSAGES])
+    query_encoder, passage_encoder = word_encoder(1), word_encoder(2)
     path = tmp_path_factory.mktemp("kb") / "passages.arrow"
-    write_passage_store(PASSAGES, path)
-    index = DenseIndex.build(stored, IndexConfig(kind="flat"))
-    return query_encoder, passage_encoder, stored, Retriever(index, PassageStore.open(path), query_encoder)
+    stored, retriever = word_retriever(PASSAGES, path, query_encoder, passage_encoder)
+    return query_encoder, passage_encoder, stored, retriever
 
 
 def _brute_force_top(query_encoder: Encoder, stored: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

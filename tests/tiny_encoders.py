@@ -116,3 +116,39 @@ def expected_passages(records: list[tuple[str, str]]) -> list[tuple[str, str]]:
             for i in range(0, len(words), WORDS_PER_PASSAGE)
         ]
     return out
+
+
+def word_encoder(seed: int):
+    """A 1-layer random BERT over the word-level test tokenizer (no dropout), mean pooling, in memory."""
+    from tiny_generators import word_tokenizer
+
+    from rag.encoders import Encoder
+
+    tokenizer = word_tokenizer(["<pad>", "<unk>"])
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return Encoder(BertModel(config), tokenizer, pooling="mean", normalize=False).eval()
+
+
+def word_retriever(passages, store_path: Path, query_encoder, passage_encoder):
+    """(stored d(z) (N, D), a Retriever over `passages` with an exact index): a real tiny knowledge base."""
+    from rag.config import IndexConfig
+    from rag.encoders import passage_text
+    from rag.index import DenseIndex
+    from rag.retriever import Retriever
+    from rag.store import PassageStore, write_passage_store
+
+    stored = passage_encoder.encode([passage_text(p.title, p.text) for p in passages])
+    write_passage_store(passages, store_path)
+    index = DenseIndex.build(stored, IndexConfig(kind="flat"))
+    return stored, Retriever(index, PassageStore.open(store_path), query_encoder)
