@@ -6,6 +6,7 @@ A reader never sees a half-written file, and an interrupted write leaves the old
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,3 +59,20 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def read_format_json(folder: Path | str, file_name: str, expected_format: str, what: str) -> dict:
+    """The JSON file that marks `folder` as a finished `what` (it is written last), checked for its
+    "format" field; errors name the file and, for bad JSON, the line."""
+    folder = Path(folder)
+    path = folder / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {file_name}; not a finished {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: field 'format': expected {expected_format!r}, got {found!r}")
+    return data

@@ -34,7 +34,7 @@ from rag.config import CorpusConfig, EncoderConfig, IndexConfig, from_dict, to_d
 from rag.corpus import BUILTIN_PREFIX, ReadReport, iter_passages
 from rag.encoders import Encoder, load_encoder, passage_text
 from rag.index import DenseIndex
-from rag.io import atomic_dir, atomic_path, atomic_write_text
+from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
 from rag.store import PassageStore, write_passage_store
 
@@ -254,15 +254,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def open_knowledge_base(path: Path | str) -> KnowledgeBase:
     """Open a finished knowledge base folder; refuses one without meta.json (an unfinished build)."""
     path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no {META_FILE}; not a finished knowledge base (rag index build)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{meta_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
+    meta = read_format_json(path, META_FILE, FORMAT, "knowledge base (rag index build)")
     index = DenseIndex.load(path / INDEX_DIR)
     passages = PassageStore.open(path / PASSAGES_FILE)
     if not len(index) == len(passages) == meta["passages"]:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rag.config import RagConfig, from_dict, to_dict
-from rag.io import atomic_dir
+from rag.io import atomic_dir, read_format_json
 
 if TYPE_CHECKING:
     from rag.model import RagModel
@@ -73,17 +73,7 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
 
 
 def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a finished training checkpoint")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
-    return meta
+    return read_format_json(path, CONFIG_FILE, FORMAT, "training checkpoint")
 
 
 def checkpoint_rag_config(path: Path | str) -> RagConfig:
