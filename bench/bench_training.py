@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]  # rag, the reference harness
 
-from bench_generation import _model_config, _workload  # noqa: E402
+from bench_generation import _model_config, _timed, _workload  # noqa: E402
 from hf_reference import context_inputs, labels_from_targets, random_generator, reference_model  # noqa: E402
 from hf_reference import word_tokenizer as reference_tokenizer  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
@@ -35,15 +33,6 @@ from rag.encoders import Encoder  # noqa: E402
 from rag.generators import Seq2SeqGenerator  # noqa: E402
 from rag.io import atomic_write_text  # noqa: E402
 from rag.model import RagModel  # noqa: E402
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def _unused_query_encoder(tokenizer: Any) -> Encoder:
@@ -85,8 +74,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return out.loss.detach(), scores.grad, model.get_input_embeddings().weight.grad.clone()
 
     step_ours(), step_reference()  # first-call costs (allocator, kernels) out of the timing
-    ours_s, (loss_a, dscore_a, demb_a) = _best(step_ours, args.repeats)
-    ref_s, (loss_b, dscore_b, demb_b) = _best(step_reference, args.repeats)
+    ours_s, (loss_a, dscore_a, demb_a) = _timed(step_ours, args.repeats)
+    ref_s, (loss_b, dscore_b, demb_b) = _timed(step_reference, args.repeats)
     checks = {
         "loss_max_abs_diff": float((loss_a - loss_b).abs().max()),
         "doc_score_grad_max_abs_diff": float((dscore_a - dscore_b).abs().max()),
