@@ -21,7 +21,7 @@ setup: $(STAMP)
 # The main job: answer questions over the default knowledge base with the default models (RAG, k = 5).
 # The first run builds the index and converts the generator once (progress bars); later runs reuse them.
 demo: $(STAMP)
-	$(BIN)/rag ask "What is the capital of Angola?" "Who wrote the tragedy Hamlet?" "What is the highest mountain on Earth?"
+	$(BIN)/rag ask --beams 4 "What is the capital of Angola?" "Who wrote the tragedy Hamlet?" "What is the highest mountain on Earth?"
 
 test: $(STAMP)
 	$(BIN)/ruff check rag tests bench

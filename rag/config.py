@@ -66,6 +66,10 @@ class IndexConfig:
     store_dtype: Literal["auto", "float32", "float16"] = "auto"  # stored d(z); auto: float16 for ivfpq
 
 
+PromptStyle = Literal["short-answer", "chat", "plain"]
+PROMPT_STYLES: tuple[str, ...] = ("short-answer", "chat", "plain")
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     path: str = DEFAULT_GENERATOR
@@ -73,7 +77,10 @@ class GeneratorConfig:
     max_input_tokens: int = 512
     max_target_tokens: int = 64
     dtype: Literal["float32", "bfloat16"] = "float32"
-    use_chat_template: bool = True  # causal models with a chat template get one
+    # Causal models only. "short-answer": three fixed question/answer demonstrations, then
+    # "passage / Question: ... / Answer:", and the answer ends at a newline (the paper's short spans);
+    # "chat": the tokenizer's chat template (sentence answers); "plain": the last two lines alone.
+    prompt: PromptStyle = "short-answer"
     cache_dir: str = ""  # where converted GGUF weights go; "" = ~/.cache/rag
 
 

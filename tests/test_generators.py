@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
-from tiny_generators import tiny_bart, tiny_generator, tiny_llama
+from tiny_generators import tiny_bart, tiny_generator, tiny_llama, tiny_short_answer_llama
 
 from rag.config import GeneratorConfig
 from rag.generators import (
+    SHORT_ANSWER_EXAMPLES,
     CausalGenerator,
     Seq2SeqGenerator,
     _copy_cache,
@@ -19,7 +20,7 @@ from rag.generators import (
 )
 from rag.resources import resolve_path, wiki_summaries_path
 
-NAMES = ["bart", "t5", "llama", "llama-chat", "gpt2"]
+NAMES = ["bart", "t5", "llama", "llama-chat", "llama-short-answer", "gpt2"]
 QUESTIONS = ["what is the capital of angola ?", "who wrote the book ?"]
 PASSAGES = [
     [("angola", "luanda is the capital city of angola"), ("france", "paris")],
@@ -175,6 +176,27 @@ def test_targets_end_with_eos_and_chat_models_end_the_turn():
     assert plain.eos_token_id == 2
 
 
+def test_short_answer_prompt_shows_bare_answers_and_ends_the_answer_at_a_newline():
+    gen = tiny_short_answer_llama()
+    newline = gen.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1 and gen.eos_token_id == newline[0] != gen.tokenizer.eos_token_id
+    closed, with_passage = (
+        gen.format_inputs(QUESTIONS[:1], None),
+        gen.format_inputs(QUESTIONS[:1], [[PASSAGES[0][0]]]),
+    )
+    demos = "".join(f"Question: {q}\nAnswer: {a}\n" for q, a in SHORT_ANSWER_EXAMPLES)
+    assert closed.texts[0] == f"{demos}Question: {QUESTIONS[0]}\nAnswer:"
+    title, text = PASSAGES[0][0]
+    assert with_passage.texts[0] == f"{title}. {text}\n{demos}Question: {QUESTIONS[0]}\nAnswer:"
+    targets = gen.encode_targets(["luanda"])
+    # " luanda" then the newline: the same tokens as the prompt's text continued by the answer line.
+    full = gen.tokenizer(with_passage.texts[0] + " luanda\n", add_special_tokens=False)["input_ids"]
+    assert full[-targets.ids.shape[1] :] == targets.ids[0].tolist()
+    assert gen.decode(targets.ids[0].tolist()) == "luanda"
+    with pytest.raises(ValueError, match="no chat template"):
+        CausalGenerator(gen.model, gen.tokenizer, GeneratorConfig(path="tiny-short", prompt="chat"))
+
+
 def test_closed_book_and_truncated_prompts():
     gen = tiny_llama(chat=True)
     closed = gen.format_inputs(QUESTIONS, None)
@@ -214,7 +236,7 @@ def test_load_generator_detects_the_family_and_reloads_the_same_model(name, tmp_
     gen = tiny_generator(name)
     gen.model.save_pretrained(tmp_path)
     gen.tokenizer.save_pretrained(tmp_path)
-    loaded = load_generator(GeneratorConfig(path=str(tmp_path), max_input_tokens=96))
+    loaded = load_generator(GeneratorConfig(path=str(tmp_path), max_input_tokens=96, prompt="chat"))
     assert isinstance(loaded, Seq2SeqGenerator if name == "bart" else CausalGenerator)
     _, prefix, targets = _prefix_and_targets(gen)
     _, prefix2, targets2 = _prefix_and_targets(loaded)

@@ -8,7 +8,7 @@ parameters in size. Seeded: the same call gives the same weights.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -111,7 +111,41 @@ def tiny_llama(seed: int = 0, chat: bool = False) -> CausalGenerator:
         eos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()
-    return CausalGenerator(model, tokenizer, GeneratorConfig(path="tiny-llama", max_input_tokens=96))
+    prompt = "chat" if chat else "plain"
+    return CausalGenerator(
+        model, tokenizer, GeneratorConfig(path="tiny-llama", max_input_tokens=96, prompt=prompt)
+    )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE (newline is a token of its own, as in SmolLM2) trained on WORDS."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"], initial_alphabet=alphabet)
+    backend.train_from_iterator([" ".join(WORDS)] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+
+
+def tiny_short_answer_llama(seed: int = 0) -> CausalGenerator:
+    """The default causal prompt ("short-answer") on a byte-level tokenizer: answers end at a newline."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        pad_token_id=0,
+        eos_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return CausalGenerator(model, tokenizer, GeneratorConfig(path="tiny-short", max_input_tokens=400))
 
 
 def tiny_gpt2(seed: int = 0) -> CausalGenerator:
@@ -128,7 +162,9 @@ def tiny_gpt2(seed: int = 0) -> CausalGenerator:
         eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).eval()
-    return CausalGenerator(model, tokenizer, GeneratorConfig(path="tiny-gpt2", max_input_tokens=96))
+    return CausalGenerator(
+        model, tokenizer, GeneratorConfig(path="tiny-gpt2", max_input_tokens=96, prompt="plain")
+    )
 
 
 def tiny_generator(name: str, seed: int = 0) -> Generator:
@@ -137,6 +173,7 @@ def tiny_generator(name: str, seed: int = 0) -> Generator:
         "t5": lambda: tiny_t5(seed),
         "llama": lambda: tiny_llama(seed),
         "llama-chat": lambda: tiny_llama(seed, chat=True),
+        "llama-short-answer": lambda: tiny_short_answer_llama(seed),
         "gpt2": lambda: tiny_gpt2(seed),
     }
     return builders[name]()

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TextIO
 
-from rag.config import DecodingConfig, GeneratorConfig, RagConfig
+from rag.config import PROMPT_STYLES, DecodingConfig, GeneratorConfig, RagConfig
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Asker:
         generator: str = "",
         device: str = "cpu",
         dtype: str = "auto",
+        prompt: str = "short-answer",
     ) -> Asker:
         """Default encoders, knowledge base (built on first use) and generator, unless paths are given."""
         from rag.model import RagModel
@@ -88,7 +89,7 @@ class Asker:
             raise ValueError(f"-k must be >= 1, got {k}")
         if dtype == "auto":
             dtype = "bfloat16" if native_bfloat16(device) else "float32"
-        generator_config = GeneratorConfig(dtype=dtype)  # type: ignore[arg-type]
+        generator_config = GeneratorConfig(dtype=dtype, prompt=prompt)  # type: ignore[arg-type]
         if generator:
             generator_config = replace(generator_config, path=generator)
         rag_config = RagConfig(kind=kind, k=k, index_dir=index_dir, generator=generator_config)  # type: ignore[arg-type]
@@ -204,6 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="generator weights (auto: bfloat16 where the hardware computes it natively)",
     )
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     p.set_defaults(func=run)
 
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         min_new_tokens=args.min_new_tokens,
         decoding=args.decoding,
     )
-    asker = Asker.load(args.kind, args.k, config, args.index, args.generator, args.device, args.dtype)
+    asker = Asker.load(args.kind, args.k, config, args.index, args.generator, args.device, args.dtype, args.prompt)
     for question in _questions(args, sys.stdin):
         answer = asker.ask(question)
         print(to_json(answer) if args.json else format_answer(answer, args.width) + "\n", flush=True)

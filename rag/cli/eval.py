@@ -12,10 +12,11 @@ Each (mode, kind, decoding, k) run is a folder under --out (resumable: re-runnin
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig
+from rag.config import PROMPT_STYLES, DecodingConfig, EncoderConfig, GeneratorConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["rag", "closed-book", "retrieval-only"], default="rag")
     p.add_argument("--checkpoint", help="a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--query-encoder", help="q(x) path (default: the knowledge base's own encoder)")
     p.add_argument("--query-scale", type=float,
                    help="q(x) = scale * pooled output, the prior's temperature (default: 20 for the default "
@@ -79,8 +81,8 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         if args.mode != "closed-book" and not args.index:
             raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
     elif args.mode != "retrieval-only":
-        generator = load_generator(GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig(),
-                                   args.device)
+        config = GeneratorConfig(prompt=args.prompt)
+        generator = load_generator(replace(config, path=args.generator) if args.generator else config, args.device)
     if args.mode == "closed-book":
         return None, generator, kinds
     retriever = _retriever(args, query_encoder)

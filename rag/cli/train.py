@@ -16,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rag.config import DEFAULT_QUERY_SCALE, EncoderConfig, GeneratorConfig, RagConfig
+from rag.config import DEFAULT_QUERY_SCALE, PROMPT_STYLES, EncoderConfig, GeneratorConfig, RagConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
     p.add_argument("--query-scale", type=float, default=DEFAULT_QUERY_SCALE,
                    help="q(x) = scale * pooled output: the temperature of p(z|x) over cosine scores")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--generator", default="", help="generator folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--kind", choices=["token", "sequence"], default="token")
     p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
@@ -69,7 +70,8 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
     else:
         passage_side = encoder_config(open_knowledge_base(index_dir).meta)
         query_encoder = dataclasses.replace(passage_side, scale=args.query_scale)
-    generator = GeneratorConfig(path=args.generator) if args.generator else GeneratorConfig()
+    generator = GeneratorConfig(prompt=args.prompt)
+    generator = dataclasses.replace(generator, path=args.generator) if args.generator else generator
     return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder, generator=generator,
                      index_dir=index_dir)  # fmt: skip
 

@@ -17,11 +17,17 @@ from rag.generators.base import (
     _is_identity,
     _logsoftmax,
 )
-from rag.generators.causal import CAUSAL_SYSTEM_PROMPT, CLOSED_BOOK_SYSTEM_PROMPT, CausalGenerator
+from rag.generators.causal import (
+    CAUSAL_SYSTEM_PROMPT,
+    CLOSED_BOOK_SYSTEM_PROMPT,
+    SHORT_ANSWER_EXAMPLES,
+    CausalGenerator,
+)
 from rag.generators.loading import convert_gguf, converted_gguf_dir, load_generator
 from rag.generators.seq2seq import Seq2SeqGenerator
 
 __all__ = [
+    "SHORT_ANSWER_EXAMPLES",
     "CAUSAL_SYSTEM_PROMPT",
     "CLOSED_BOOK_SYSTEM_PROMPT",
     "CausalGenerator",

@@ -205,7 +205,9 @@ class Generator(nn.Module):
             texts = [self.format_text(q, None, None) for q in questions]
         else:
             texts = [
-                self._passage_prompt(q, t, x) for q, ps in zip(questions, passages, strict=True) for t, x in ps
+                self._passage_prompt(q, t, x)
+                for q, ps in zip(questions, passages, strict=True)
+                for t, x in ps
             ]
         return self._tokenize(texts)
 

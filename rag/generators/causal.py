@@ -23,6 +23,14 @@ from rag.generators.base import (
 
 CAUSAL_SYSTEM_PROMPT = "Answer the question using the passage. Reply with only the answer, in a few words."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with only the answer, in a few words."
+# The "short-answer" prompt's demonstrations. A 135M instruct model told to "reply with only the answer"
+# still answers in a sentence (0% EM on Red-Trivia); shown three bare answers it answers with the span
+# and a newline.
+SHORT_ANSWER_EXAMPLES = (
+    ("Who wrote the novel Moby-Dick?", "Herman Melville"),
+    ("In which year did the Berlin Wall fall?", "1989"),
+    ("What is the largest planet in the Solar System?", "Jupiter"),
+)
 
 
 class CausalGenerator(Generator):
@@ -32,11 +40,20 @@ class CausalGenerator(Generator):
 
     def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
         super().__init__(model, tokenizer, config)
-        self.chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
+        self.chat = config.prompt == "chat"
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"generator.prompt is 'chat' but the tokenizer of {config.path} has no chat template"
+            )
+        self.demonstrations = ""
+        if config.prompt == "short-answer":
+            self.demonstrations = "".join(f"Question: {q}\nAnswer: {a}\n" for q, a in SHORT_ANSWER_EXAMPLES)
         keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last_logits_only = {"logits_to_keep": 1} if keeps else {}
         if self.chat:
             self.eos_token_id = self._end_of_turn_id()
+        elif self.demonstrations:
+            self.eos_token_id = self._newline_id()
 
     def _end_of_turn_id(self) -> int:
         """The first special token the template writes after an assistant message (Llama 3: <|eot_id|>)."""
@@ -47,6 +64,11 @@ class CausalGenerator(Generator):
         after = self.tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]
         special = set(self.tokenizer.all_special_ids)
         return next((int(t) for t in after if t in special), self.eos_token_id)
+
+    def _newline_id(self) -> int:
+        """The answer ends where the demonstrations' answers end: at a newline, when that is one token."""
+        ids = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        return int(ids[0]) if len(ids) == 1 else self.eos_token_id
 
     def _target_text(self, text: str) -> str:
         # Without a template the prompt ends with "Answer:", so the answer's first word carries its space.
@@ -60,9 +82,10 @@ class CausalGenerator(Generator):
                 system, user = CAUSAL_SYSTEM_PROMPT, f"Passage: {title}. {text}\n\nQuestion: {question}"
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if title is None or text is None:
-            return f"Question: {question}\nAnswer:"
-        return f"{title}. {text}\nQuestion: {question}\nAnswer:"
+        passage = "" if title is None or text is None else f"{title}. {text}\n"
+        # The demonstrations sit between passage and question: on 120 Red-Trivia questions (k = 5) this
+        # order scored 22.5% EM against 20.0% with the demonstrations first.
+        return f"{passage}{self.demonstrations}Question: {question}\nAnswer:"
 
     def _passage_prompt(self, question: str, title: str, text: str) -> str:
         """Shorten the passage (never the question or template) so the prompt fits max_input_tokens."""
