@@ -268,11 +268,16 @@ def _records(batch: list[Example], config: EvalConfig, got: Any, gen: Any, prefi
     return records
 
 
-def _run_identity(config: EvalConfig, task: dict[str, Any]) -> dict[str, Any]:
+def _run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None) -> dict[str, Any]:
+    """What must match for a re-run to append to a folder: the settings, the data, and the generator's
+    configuration (its path and prompt style; a resumed run must not mix two prompts)."""
     settings = to_dict(config)
     settings.pop("progress")
     settings.pop("batch_size")
-    return {"config": json.loads(json.dumps(settings, default=str)), "task": task}
+    identity = {"config": json.loads(json.dumps(settings, default=str)), "task": task}
+    if generator is not None and config.mode != "retrieval-only":
+        identity["generator"] = json.loads(json.dumps(to_dict(generator.generator_config), default=str))
+    return identity
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -348,7 +353,7 @@ def evaluate_many(
         for config, out_dir in runs:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            _check_run(out_dir, _run_identity(config, task or {}))
+            _check_run(out_dir, _run_identity(config, task or {}, generator))
             done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
             sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))
             states.append(_Run(config, out_dir, done, sink))

@@ -5,6 +5,7 @@ model, substring checks written out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -124,6 +125,10 @@ def test_resumed_run_skips_written_examples_and_drops_a_torn_line(retriever, tmp
     assert json.loads((part / "metrics.json").read_text())["n"] == 4
     with pytest.raises(ValueError, match="different run"):
         evaluate(_examples(), part, retriever=retriever, generator=gen, config=_config(k=1))
+    # the same settings with another generator configuration (here its prompt style) is another run
+    other = type(gen)(gen.model, gen.tokenizer, dataclasses.replace(gen.generator_config, prompt="plain"))
+    with pytest.raises(ValueError, match="different run"):
+        evaluate(_examples(), part, retriever=retriever, generator=other, config=_config())
 
 
 @pytest.mark.parametrize("family", ["bart", "llama-chat"])
