@@ -208,7 +208,7 @@ def throughput(examples: list[Example], model: RagModel, decoding: DecodingConfi
 
 
 def hotswap(model: RagModel, wiki: Path, n: int) -> dict[str, Any]:
-    cache = KB_ROOT / "hotswap" / f"result-{n}.json"
+    cache = KB_ROOT / "hotswap" / f"result-{n}-{model.generator.generator_config.prompt}.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     log(f"hot-swap experiment on {n} questions")

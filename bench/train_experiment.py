@@ -137,7 +137,7 @@ def real(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         base.load_state_dict(initial)
         base.kind = kind
         config = TrainConfig(rag=dataclasses.replace(RagConfig(kind=kind, k=5), index_dir=str(kb_dir)),
-                             steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.steps // 10,
+                             steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, generator_lr=args.generator_lr, warmup_steps=args.steps // 10,
                              schedule="linear", bf16=args.bf16, seed=args.seed, freeze_query_encoder=frozen)  # fmt: skip
         start = time.perf_counter()
         result = train(base, _training_examples(data["train"]), config, _training_examples(data["dev"]),
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1, help="questions per micro-batch (memory)")
     parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=1e-4, help="q(x)'s learning rate (a 22M encoder, few steps)")
+    parser.add_argument("--generator-lr", type=float, default=2e-5)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-only", action="store_true")
