@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from results_report import KS, NAMES, RECALL_KS, markdown
 
 from rag import metrics as MT
-from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, IndexConfig, RagConfig
+from rag.cli.ask import native_bfloat16
+from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, GeneratorConfig, IndexConfig, RagConfig
 from rag.corpus import Passage
 from rag.eval_report import recall_curve, write_report
 from rag.evaluation import EvalConfig, evaluate, evaluate_many
@@ -42,12 +44,10 @@ from rag.model import RagModel
 from rag.resources import red_trivia_dir, shared_data_dir
 from rag.tasks import Example, read_task, split_reserved
 
-KS = (1, 5, 10)
 # Red-Trivia lists of general knowledge (the game, show and flag/map-picture lists are left out: their
 # answers occur in the summaries mostly by accident, e.g. a Pokemon named after a common word)
 TRIVIA_LISTS = ("general", "artandliterature", "entertainment", "worldcapitals", "uscapitals", "greekmyth",
                 "elements", "sports", "computers", "2015", "2016")
-RECALL_KS = (1, 5, 10, 20)
 KB_ROOT = Path("bench/out/results")  # knowledge bases built here once, shared by every run
 
 
@@ -222,115 +222,6 @@ def hotswap(model: RagModel, wiki: Path, n: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the results file
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-NAMES = {"wiki": "Wikipedia summaries + Red-Trivia", "squad": "SQuAD-open (dev 4/5)", "nq": "NQ gold-passage KB (dev 4/5)"}
-
-
-def _hotswap_reading(h: dict[str, Any]) -> str:
-    t, top = h["table"], h["top_passage"]
-    return (f"Retrieval follows the plugged-in index (top passage states its facts: {_pct(top['A']['A'])}% with A, "
-            f"{_pct(top['B']['B'])}% with B). The answers follow it in part, without retraining: with B plugged in "
-            f"{_pct(t['B']['B'])}% name the swapped capital (0% with A) and {_pct(t['B']['A'])}% still the real one, "
-            f"the 135M model's own memory for famous capitals (with no index it names {_pct(t['none']['A'])}%).")
-
-
-def markdown(report: dict[str, Any], command: str) -> str:
-    sets = report["datasets"]
-    lines = [
-        "# Evaluation results",
-        "",
-        f"Reproduce with `{command}` (default models: all-MiniLM-L6-v2 as q(x) and d(z), "
-        "SmolLM2-135M-Instruct as generator; exact flat index). "
-        f"Whole command: {report['wall_s'] / 60:.1f} min on this machine ({report['machine']}).",
-        "",
-        "SQuAD-open and the NQ gold-passage set are reserved sets (../shared/data/README.md): every figure",
-        "below is on their development four fifths (file position i % 5 != 4); the reserved fifth is not used.",
-        f"Decoding: {report['decoding']}. Exact match uses SQuAD normalisation against all answer aliases.",
-        "",
-        "Read with care: generation cells hold 10 questions each (the whole 10-run grid costs about 18 CPU-seconds",
-        "per question with SmolLM2 on this CPU, thorough RAG-Sequence at k = 10 a third of it), so a cell moves in",
-        "steps of 10 points. Exact match is 0 throughout: the 135M chat model answers in a sentence (\"The capital",
-        "of Angola is Luanda.\"), never the bare span, so the informative generation figure is \"answer contained\".",
-        "Timings were taken while other jobs shared the 2 cores (load average above), so they are pessimistic.",
-        "",
-        "## Knowledge bases and question sets",
-        "",
-        "| set | passages in KB | questions available | recall sample | generation sample (per cell) |",
-        "|---|---|---|---|---|",
-    ]
-    for key, s in sets.items():
-        lines.append(f"| {NAMES[key]} | {s['kb_passages']:,} | {s['questions_available']:,} | {s['recall_n']} | {s['cell_n']} |")
-    lines += ["", "Red-Trivia: questions from the general-knowledge lists whose answer (any alias) occurs, as",
-              "DPR's has_answer defines it, in a passage of the default knowledge base; per list:", "",
-              "| list | questions kept |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in sorted(report["wiki_subsets"].items(), key=lambda kv: -kv[1])]
-    lines += ["", "## Retrieval: recall@k (answer string in the text of one of the top k passages, %)", "",
-              "| set | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |", "|---|" + "---|" * len(RECALL_KS)]
-    for key, s in sets.items():
-        lines.append(f"| {NAMES[key]} | " + " | ".join(_pct(s["recall"].get(k, s["recall"].get(str(k)))) for k in RECALL_KS) + " |")
-    rows = [("closed-book (no retrieval)", "closed-book"), ("RAG-Token", "rag-token-k{k}"),
-            ("RAG-Sequence thorough", "rag-sequence-thorough-k{k}"), ("RAG-Sequence fast", "rag-sequence-fast-k{k}")]
-    short = {"wiki": "Wiki", "squad": "SQuAD", "nq": "NQ"}
-    header = "| model | " + " | ".join(f"{short[key]} k={k}" for key in sets for k in KS) + " |"
-    for title, field in (("Exact match (%)", "em"), ("Answer contained in the reply (%)", "contains")):
-        lines += ["", f"## {title}", "", header, "|---|" + "---|" * (len(sets) * len(KS))]
-        for label, pattern in rows:
-            cells = [_pct(s[field][pattern.format(k=k)]) for s in sets.values() for k in KS]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("| retrieval-only (answer in the top passage) | " + " | ".join(
-            _pct(s["answer_in_top_passage"]) if k == 1 else "" for s in sets.values() for k in KS) + " |")
-    lines += ["", "Closed-book does not depend on k (one value repeated per column). \"Answer contained\": a gold",
-              "answer occurs in the generated reply as a token run (DPR's has_answer), since the 135M chat model",
-              "often answers in a sentence where exact match needs the bare answer.", "",
-              "## Knowledge hot-swap (the paper's 2x2 table)", "",
-              "Index A: the default knowledge base; index B: the same passages with the capitals of "
-              f"{report['hotswap']['n']} countries permuted among them (every mention, titles too; only the "
-              "changed passages re-encoded). Same model object, index swapped with `rag.hotswap.swap_index`; "
-              "questions are Red-Trivia's \"What is the capital of X?\" for those countries. A cell is the % of "
-              "answers that contain that version's capital.", "", report["hotswap"]["markdown"],
-              _hotswap_reading(report["hotswap"]), "",
-              "## Throughput of `rag eval`", ""]
-    t = report["throughput"]
-    lines += [
-        f"RAG-Token, k = 5, greedy, on {t['n']} Red-Trivia questions, batch {t['batch']}, one fresh run:",
-        "",
-        "| questions | wall (s) | questions/s | retrieval (s, %) | generation (s, %) |",
-        "|---|---|---|---|---|",
-        f"| {t['n']} | {t['total_s']:.0f} | {t['questions_per_s']:.2f} | {t['retrieval_s']:.0f} "
-        f"({100 * t['retrieval_s'] / t['total_s']:.0f}%) | {t['generation_s']:.0f} "
-        f"({100 * t['generation_s'] / t['total_s']:.0f}%) |",
-        "",
-        f"At this rate `rag eval` on 1,000 questions takes {1000 / t['questions_per_s'] / 60:.0f} min "
-        f"(extrapolated from the {t['n']} measured: 1,000 do not fit the 30-minute budget of this command).",
-        "",
-        "Retrieval = query encoding + exact inner-product search; generation = prompt prefill of the 5 passages",
-        "and greedy decoding. Per-run reports with plots (recall@k against k, metric against k):",
-        "`bench/out/results/<set>/report.md` (not committed).",
-        "",
-        "## The paper's NQ figures with the released checkpoints",
-        "",
-        "Not run here (no network, no BART-large weights). With local copies of facebook/rag-sequence-nq (or",
-        "rag-token-nq), facebook/dpr-ctx_encoder-single-nq-base, DPR's psgs_w100.tsv and NQ test:",
-        "",
-        "```",
-        "rag index build --corpus psgs_w100.tsv --format dpr-tsv --encoder dpr-ctx_encoder-single-nq-base \\",
-        "    --encoder-kind dpr-context --index hnsw --out kb-dpr-wiki",
-        "rag eval --task dpr-qa --data nq-test.qa.csv --checkpoint rag-sequence-nq --index kb-dpr-wiki \\",
-        "    -k 5 --beams 4 --decoding thorough fast --max-new-tokens 20 --out runs/nq-rag-sequence",
-        "```",
-        "",
-        "`--checkpoint` reads the transformers layout (config.json, `rag.question_encoder.*` /",
-        "`rag.generator.*` weights, `question_encoder_tokenizer/`, `generator_tokenizer/`) and lays out the",
-        "generator input as transformers' RagRetriever does; tests/test_checkpoints.py checks losses and",
-        "generated sequences against transformers on a tiny random RAG saved by transformers.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 STAGES = ("wiki", "squad", "nq", "hotswap", "throughput")
 # two workers (one core each) get about the same CPU time with the default sizes
 WORKER_STAGES = (("wiki", "squad"), ("nq", "hotswap", "throughput"))
@@ -338,12 +229,14 @@ WORKER_STAGES = (("wiki", "squad"), ("nq", "hotswap", "throughput"))
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cell", type=int, default=10, help="questions per exact-match cell")
+    parser.add_argument("--cell", type=int, default=100, help="questions per exact-match cell")
     parser.add_argument("--recall", type=int, default=1000, help="questions for recall@k")
-    parser.add_argument("--throughput", type=int, default=50, help="questions for the throughput run")
-    parser.add_argument("--hotswap", type=int, default=20, help="hot-swap questions")
+    parser.add_argument("--throughput", type=int, default=1000, help="questions for the throughput run")
+    parser.add_argument("--hotswap", type=int, default=40, help="hot-swap questions")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="generator weights (auto: bfloat16 where the CPU computes it natively, as rag ask)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=2, help="processes running stages side by side")
     parser.add_argument("--only", default="", help="comma-separated stages, no report (used by the workers)")
@@ -386,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only and args.workers > 1:
         run_workers(list(argv or []))
     decoding = DecodingConfig(num_beams=1, max_new_tokens=args.max_new_tokens)
-    model = RagModel.from_config(RagConfig(k=5))
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if native_bfloat16("cpu") else "float32")
+    model = RagModel.from_config(RagConfig(k=5, generator=GeneratorConfig(dtype=dtype)))  # type: ignore[arg-type]
     sets = question_sets(data, wiki)
-    report: dict[str, Any] = {"datasets": {}, "decoding": "greedy (1 beam; RAG-Sequence: greedy under each "
+    report: dict[str, Any] = {"datasets": {}, "dtype": dtype, "prompt": model.generator.generator_config.prompt,
+                              "decoding": "greedy (1 beam; RAG-Sequence: greedy under each "
                               f"passage), at most {args.max_new_tokens} new tokens", "args": vars(args)}
     counts: dict[str, int] = defaultdict(int)
     for ex in sets["wiki"]:

@@ -57,15 +57,29 @@ class Loaded:
     ckpt: RagCheckpoint  # ours from the same folder
 
 
-@pytest.fixture(scope="module", params=[("token", "bart"), ("sequence", "bart"), ("token", "t5")])
-def loaded(request, tmp_path_factory) -> Loaded:
+def _load(kind: str, family: str, tmp_path_factory) -> Loaded:
     from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
-    kind, family = request.param
     out = tmp_path_factory.mktemp(f"rag-{kind}-{family}")
     _save_tiny_rag(out, kind, family, seed=3)
     cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
     return Loaded(out, kind, family, cls.from_pretrained(out).eval(), load_rag_checkpoint(out))
+
+
+@pytest.fixture(scope="module", params=[("token", "bart"), ("sequence", "bart"), ("token", "t5")])
+def loaded(request, tmp_path_factory) -> Loaded:
+    return _load(*request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bart_token(tmp_path_factory) -> Loaded:
+    """One configuration for the tests of folder layouts, which do not depend on kind or family."""
+    return _load("token", "bart", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bart_sequence(tmp_path_factory) -> Loaded:
+    return _load("sequence", "bart", tmp_path_factory)
 
 
 def _contexts(case: Loaded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +138,8 @@ def test_query_encoder_equals_transformers_dpr(loaded):
 
 
 @torch.no_grad()
-def test_split_folder_layout_and_dpr_folder_load_the_same_weights(loaded, tmp_path):
-    if loaded.family != "bart" or loaded.kind != "token":
-        pytest.skip("one configuration is enough for the layout")
+def test_split_folder_layout_and_dpr_folder_load_the_same_weights(bart_token, tmp_path):
+    loaded = bart_token
     tokenizer = H.word_tokenizer("bart")
     for part in ("question_encoder", "generator"):
         getattr(loaded.reference.rag, part).save_pretrained(tmp_path / part)
@@ -155,9 +168,8 @@ def test_bad_folders_are_named(tmp_path):
         checkpoint_kind(json.loads('{"model_type": "rag", "architectures": ["RagModel"]}'), tmp_path)
 
 
-def test_rag_eval_runs_a_checkpoint_over_a_knowledge_base(loaded, tmp_path):
-    if loaded.family != "bart" or loaded.kind != "sequence":
-        pytest.skip("one configuration is enough for the command line")
+def test_rag_eval_runs_a_checkpoint_over_a_knowledge_base(bart_sequence, tmp_path):
+    loaded = bart_sequence
     from rag.cli import main
     from rag.config import EncoderConfig, IndexConfig, to_dict
     from rag.corpus import Passage
