@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rag import metrics as MT
-from rag.evaluation import read_predictions
+from rag.eval_store import read_predictions
 from rag.io import atomic_path, atomic_write_text
 
 

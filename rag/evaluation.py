@@ -10,7 +10,8 @@ Output folder (resumable: a re-run skips the examples already written):
     predictions.jsonl   one JSON object per example, appended and flushed batch by batch: the answer,
                         the retrieved passage ids, p(z|x) and the posteriors p(z|x,y)
     metrics.json        written atomically at the end, over every line of predictions.jsonl
-The Markdown report with plots across several runs is `rag.eval_report.write_report`.
+The folder's files are read and checked by rag.eval_store; the Markdown report with plots across
+several runs is `rag.eval_report.write_report`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 from rag import decoding
 from rag import metrics as MT
-from rag.config import DecodingConfig, to_dict
+from rag.config import DecodingConfig
+from rag.eval_store import check_run, read_predictions, run_identity
 from rag.io import atomic_write_text
 from rag.tasks import FEVER_3WAY, Example, LabelSet
 
@@ -268,50 +270,6 @@ def _records(batch: list[Example], config: EvalConfig, got: Any, gen: Any, prefi
     return records
 
 
-def _run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None) -> dict[str, Any]:
-    """What must match for a re-run to append to a folder: the settings, the data, and the generator's
-    configuration (its path and prompt style; a resumed run must not mix two prompts)."""
-    settings = to_dict(config)
-    settings.pop("progress")
-    settings.pop("batch_size")
-    identity = {"config": json.loads(json.dumps(settings, default=str)), "task": task}
-    if generator is not None and config.mode != "retrieval-only":
-        identity["generator"] = json.loads(json.dumps(to_dict(generator.generator_config), default=str))
-    return identity
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a predictions file; a torn last line (an interrupted write) is dropped
-    and cut off the file, so that appending continues on a clean line."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw.rfind(b"\n") + 1
-    if keep < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    records = []
-    for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from err
-    return records
-
-
-def _check_run(out_dir: Path, identity: dict[str, Any]) -> None:
-    run_file = out_dir / "run.json"
-    if run_file.exists():
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous != identity:
-            raise ValueError(
-                f"{out_dir}: holds predictions of a different run (see run.json); use another output "
-                "folder, or delete it to start over"
-            )
-    else:
-        atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
-
-
 def evaluate(
     examples: Sequence[Example],
     out_dir: Path | str,
@@ -353,7 +311,7 @@ def evaluate_many(
         for config, out_dir in runs:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            _check_run(out_dir, _run_identity(config, task or {}, generator))
+            check_run(out_dir, run_identity(config, task or {}, generator))
             done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
             sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))
             states.append(_Run(config, out_dir, done, sink))
@@ -402,7 +360,7 @@ def finish(out_dir: Path, config: EvalConfig, timing: Timing) -> EvalResult:
         "metrics": scores,
         "recall_at_k": {str(k): v for k, v in recall.items()},
         "timing": {**dataclasses.asdict(timing), "questions_per_s": timing.questions_per_s},
-        "config": _run_identity(config, {})["config"],
+        "config": run_identity(config, {})["config"],
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, sort_keys=True))
     return result

@@ -1,0 +1,61 @@
+"""The run folder of rag.evaluation: what was run (run.json) and what was predicted (predictions.jsonl).
+
+A folder holds one run. `run_identity` is what must match for a re-run to append to it (settings,
+data, generator configuration); `read_predictions` reads the appended lines and repairs a torn last one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rag.config import to_dict
+from rag.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from rag.evaluation import EvalConfig
+
+
+def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None) -> dict[str, Any]:
+    """What must match for a re-run to append to a folder: the settings, the data, and the generator's
+    configuration (its path and prompt style; a resumed run must not mix two prompts)."""
+    settings = to_dict(config)
+    settings.pop("progress")
+    settings.pop("batch_size")
+    identity = {"config": json.loads(json.dumps(settings, default=str)), "task": task}
+    if generator is not None and config.mode != "retrieval-only":
+        identity["generator"] = json.loads(json.dumps(to_dict(generator.generator_config), default=str))
+    return identity
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a predictions file; a torn last line (an interrupted write) is dropped
+    and cut off the file, so that appending continues on a clean line."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    records = []
+    for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from err
+    return records
+
+
+def check_run(out_dir: Path, identity: dict[str, Any]) -> None:
+    run_file = out_dir / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        if previous != identity:
+            raise ValueError(
+                f"{out_dir}: holds predictions of a different run (see run.json); use another output "
+                "folder, or delete it to start over"
+            )
+    else:
+        atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
