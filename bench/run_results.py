@@ -37,9 +37,14 @@ from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, GeneratorCon
 from rag.corpus import Passage
 from rag.eval_report import recall_curve, write_report
 from rag.evaluation import EvalConfig, evaluate, evaluate_many
-from rag.hotswap import hotswap_experiment, hotswap_markdown, write_knowledge_base
+from rag.hotswap import hotswap_experiment, hotswap_markdown
 from rag.io import atomic_write_text
-from rag.knowledge import build_knowledge_base, default_knowledge_base, open_knowledge_base
+from rag.knowledge import (
+    build_knowledge_base,
+    default_knowledge_base,
+    open_knowledge_base,
+    write_knowledge_base,
+)
 from rag.model import RagModel
 from rag.resources import red_trivia_dir, shared_data_dir
 from rag.tasks import Example, read_task, split_reserved

@@ -20,12 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from rag.config import DecodingConfig, IndexConfig, from_dict
+from rag.config import DecodingConfig
 from rag.corpus import Passage
 from rag.decoding import generate as decoding_generate
 from rag.io import atomic_path
@@ -149,7 +149,7 @@ def derive_knowledge_base(
     the knowledge base layout (rag.knowledge), so Retriever.open and `rag eval --index` read it.
     """
     from rag.encoders import load_encoder, passage_text
-    from rag.knowledge import encoder_config, open_knowledge_base
+    from rag.knowledge import encoder_config, open_knowledge_base, write_knowledge_base
 
     base = open_knowledge_base(base_dir)
     rows = np.arange(len(base.passages))
@@ -167,26 +167,6 @@ def derive_knowledge_base(
     meta = dict(base.meta, fingerprint=f"{base.meta['fingerprint']}+facts-b", derived_from=str(base_dir),
                 changed_passages=len(changed), changed_facts=[dataclasses.asdict(f) for f in facts])
     return write_knowledge_base(passages, vectors, meta, out_dir)
-
-
-def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta: Mapping[str, Any],
-                         out_dir: Path | str) -> Path:
-    """A knowledge base folder (rag.knowledge's layout) from passages and their d(z) vectors (N, D),
-    written atomically; `meta` is a base's meta.json with what changed (its "index" config is used)."""
-    from rag.index import DenseIndex
-    from rag.io import atomic_dir, atomic_write_text
-    from rag.knowledge import INDEX_DIR, META_FILE, PASSAGES_FILE
-    from rag.store import write_passage_store
-
-    if len(passages) != vectors.shape[0]:
-        raise ValueError(f"{len(passages)} passages but {vectors.shape[0]} vectors")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        DenseIndex.build(vectors, from_dict(IndexConfig, meta["index"])).save(tmp / INDEX_DIR)
-        write_passage_store(passages, tmp / PASSAGES_FILE)
-        meta = dict(meta, passages=len(passages), dim=int(vectors.shape[1]))
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-    return out_dir
 
 
 # ------------------------------------------------------------------------------ the 2x2 experiment

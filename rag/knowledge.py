@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rag.config import CorpusConfig, EncoderConfig, IndexConfig, from_dict, to_dict
-from rag.corpus import BUILTIN_PREFIX, ReadReport, iter_passages
+from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages
 from rag.encoders import Encoder, load_encoder, passage_text
 from rag.index import DenseIndex
 from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
@@ -262,6 +262,21 @@ def open_knowledge_base(path: Path | str) -> KnowledgeBase:
             f"{path}: {len(index)} index rows, {len(passages)} stored passages, meta.json says {meta['passages']}"
         )
     return KnowledgeBase(index, passages, meta)
+
+
+def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta: Mapping[str, Any],
+                         out_dir: Path | str) -> Path:
+    """A knowledge base folder (rag.knowledge's layout) from passages and their d(z) vectors (N, D),
+    written atomically; `meta` is a base's meta.json with what changed (its "index" config is used)."""
+    if len(passages) != vectors.shape[0]:
+        raise ValueError(f"{len(passages)} passages but {vectors.shape[0]} vectors")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        DenseIndex.build(vectors, from_dict(IndexConfig, meta["index"])).save(tmp / INDEX_DIR)
+        write_passage_store(passages, tmp / PASSAGES_FILE)
+        meta = dict(meta, passages=len(passages), dim=int(vectors.shape[1]))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    return out_dir
 
 
 def encoder_config(meta: dict[str, Any]) -> EncoderConfig:

@@ -68,6 +68,9 @@ class RagModel(nn.Module):
         self.query_encoder = query_encoder  # a registered submodule: trained
         self.generator = generator  # a registered submodule: trained
         self.retriever = retriever  # plain attribute: index and stored d(z) are not parameters
+        # Set only when d(z) is trained too (rag.passage_training): then the retrieved passages'
+        # d(z) are recomputed in the graph instead of read from the index.
+        self.passage_encoder: Encoder | None = None
         self.kind: Kind = kind
         self.k = k
 
@@ -99,7 +102,12 @@ class RagModel(nn.Module):
     def forward(self, questions: list[str], targets: list[str], label_smoothing: float = 0.0) -> RagOutput:
         query = self.encode_questions(questions)  # (B, D), in the graph
         retrieved = self.retriever.retrieve_vectors(query.detach(), self.k)
-        scores = doc_scores(query, retrieved.embeddings)  # (B, K), in the graph; equals retrieved.scores
+        embeddings = retrieved.embeddings  # (B, K, D): the index's stored d(z), constants
+        if self.passage_encoder is not None:
+            from rag.passage_training import encode_retrieved
+
+            embeddings = encode_retrieved(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
+        scores = doc_scores(query, embeddings)  # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
         passages = [
             list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
         ]

@@ -6,9 +6,11 @@
       query_encoder/     q(x): transformers folder (model.safetensors, config.json, tokenizer)
       generator/         the generator: transformers folder (model.safetensors, config.json, tokenizer)
       trainer_state.pt   optimiser and schedule state, torch RNG state, step
+      passage_encoder/   only when d(z) is trained (rag.passage_training): the trained d(z)
+      knowledge_base/    ... and the knowledge base as it was at this step (its index's stored d(z))
 
-The passage encoder and the index are not copied: they never change during training, and the
-config names the knowledge base folder (`rag.index_dir`) they live in.
+Otherwise the passage encoder and the index are not copied: they never change during training, and
+the config names the knowledge base folder (`rag.index_dir`) they live in.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from rag.config import RagConfig, from_dict, to_dict
 from rag.io import atomic_dir, read_format_json
+from rag.passage_training import load_knowledge_base, save_knowledge_base, saved_encoder_config
 
 if TYPE_CHECKING:
     from rag.model import RagModel
@@ -32,17 +35,17 @@ if TYPE_CHECKING:
 FORMAT = "rag-train-checkpoint"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
+PASSAGE_ENCODER_DIR = "passage_encoder"
+KNOWLEDGE_DIR = "knowledge_base"
 
 
 def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
-    """The run's RagConfig, pointing q(x) and the generator at this folder's copies."""
-    q = model.query_encoder
-    query_encoder = dataclasses.replace(
-        config.rag.query_encoder, path="query_encoder", kind="transformers", pooling=q.pooling,
-        normalize=q.normalize, max_length=q.max_length, scale=q.scale,
-    )  # fmt: skip
+    """The run's RagConfig, pointing q(x), the generator (and a trained knowledge base) at this folder."""
+    query_encoder = saved_encoder_config(model.query_encoder, config.rag.query_encoder, "query_encoder")
     generator = dataclasses.replace(config.rag.generator, path="generator", family=model.generator.family)
     index_dir = str(Path(config.rag.index_dir).resolve()) if config.rag.index_dir else ""
+    if model.passage_encoder is not None:
+        index_dir = KNOWLEDGE_DIR  # relative: checkpoint_rag_config resolves it
     return dataclasses.replace(
         config.rag, kind=model.kind, k=model.k, query_encoder=query_encoder, generator=generator,
         index_dir=index_dir,
@@ -58,6 +61,10 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
         model.query_encoder.tokenizer.save_pretrained(tmp / "query_encoder")
         model.generator.model.save_pretrained(tmp / "generator")
         model.generator.tokenizer.save_pretrained(tmp / "generator")
+        if model.passage_encoder is not None:
+            model.passage_encoder.model.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
+            model.passage_encoder.tokenizer.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
+            save_knowledge_base(model, tmp / KNOWLEDGE_DIR, path.resolve() / PASSAGE_ENCODER_DIR)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -80,6 +87,8 @@ def checkpoint_rag_config(path: Path | str) -> RagConfig:
     """The checkpoint's RagConfig with its model paths made absolute."""
     path = Path(path).resolve()
     rag = from_dict(RagConfig, read_checkpoint_config(path)["rag"])
+    if rag.index_dir == KNOWLEDGE_DIR:
+        rag = dataclasses.replace(rag, index_dir=str(path / KNOWLEDGE_DIR))
     return dataclasses.replace(
         rag,
         query_encoder=dataclasses.replace(rag.query_encoder, path=str(path / rag.query_encoder.path)),
@@ -112,6 +121,9 @@ def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim
     read_checkpoint_config(path)
     _load_weights(model.query_encoder.model, path / "query_encoder" / "model.safetensors")
     _load_weights(model.generator.model, path / "generator" / "model.safetensors")
+    if model.passage_encoder is not None:
+        _load_weights(model.passage_encoder.model, path / PASSAGE_ENCODER_DIR / "model.safetensors")
+        load_knowledge_base(model, path / KNOWLEDGE_DIR)
     state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,6 +1,7 @@
 """End-to-end RAG fine-tuning (the paper, sec 2.4): train q(x) and the generator from (x, y) pairs alone.
 
-The passage encoder d(z) and the index stay fixed; RagModel.forward recomputes the k retrieved
+The passage encoder d(z) and the index stay fixed (unless TrainConfig.train_passage_encoder, the
+optional extension in rag.passage_training); RagModel.forward recomputes the k retrieved
 scores q(x).d(z) in the graph, so the marginal likelihood's gradient reaches q(x) through p(z|x).
 One loop, top to bottom: data order from the seed, AdamW, warm-up then linear or cosine decay,
 gradient accumulation and clipping, optional bfloat16 autocast, a JSON Lines log, dev evaluation
@@ -43,6 +44,11 @@ class TrainConfig:
     seed: int = 0
     freeze_query_encoder: bool = False  # the paper's frozen-retriever ablation
     freeze_generator: bool = False
+    # Optional, off by default (rag.passage_training): train d(z) as well, re-indexing every N steps
+    # (0: only at the end, so that the saved index always matches the saved d(z)).
+    train_passage_encoder: bool = False
+    passage_lr: float | None = None  # default: lr
+    reindex_every: int = 0
     eval_every: int = 0  # steps between dev evaluations; 0: only at the end
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     eval_max_new_tokens: int = 16
@@ -123,10 +129,13 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def make_optimizer(model: RagModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trained parts only (frozen ones get requires_grad False), and its schedule."""
     groups = []
-    parts = (
+    parts = [
         (model.query_encoder, config.freeze_query_encoder, config.lr),
         (model.generator, config.freeze_generator, config.lr if config.generator_lr is None else config.generator_lr),
-    )
+    ]
+    if model.passage_encoder is not None:
+        frozen = not config.train_passage_encoder
+        parts.append((model.passage_encoder, frozen, config.lr if config.passage_lr is None else config.passage_lr))
     for module, frozen, lr in parts:
         module.requires_grad_(not frozen)
         if not frozen:
@@ -215,6 +224,10 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
         raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size}")
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
+    if config.train_passage_encoder and model.passage_encoder is None:
+        from rag.passage_training import attach_passage_encoder
+
+        attach_passage_encoder(model, config.rag.index_dir, model.generator.device)
     optimizer, scheduler = make_optimizer(model, config)
     step = 0
     if resume:
@@ -235,6 +248,9 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
             record = train_step(model, [[train_data[i] for i in b] for b in ids], config, optimizer, scheduler)
             step += 1
             losses.append(record["loss"])
+            if config.train_passage_encoder and (step == config.steps or
+                                                 (config.reindex_every and step % config.reindex_every == 0)):
+                _reindex(model, record)
             if dev_data and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
                 dev = evaluate_dev(model, dev_data, config)
                 record.update({f"dev_{k}": v for k, v in dev.__dict__.items()})
@@ -247,6 +263,14 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
         if bar is not None:
             bar.close()
     return TrainResult(step, losses, dev, out / "checkpoint" if out is not None else None)
+
+
+def _reindex(model: RagModel, record: dict[str, float]) -> None:
+    from rag.passage_training import reindex
+
+    start = time.perf_counter()
+    reindex(model)
+    record["reindex_s"] = time.perf_counter() - start
 
 
 def _open_log(out: Path, step: int) -> Any:

@@ -174,8 +174,7 @@ def test_rag_eval_runs_a_checkpoint_over_a_knowledge_base(bart_sequence, tmp_pat
     from rag.config import EncoderConfig, IndexConfig, to_dict
     from rag.corpus import Passage
     from rag.evaluation import read_predictions
-    from rag.hotswap import write_knowledge_base
-    from rag.knowledge import FORMAT, VERSION
+    from rag.knowledge import FORMAT, VERSION, write_knowledge_base
 
     passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(p for row in PASSAGES for p in row)]
     # d(z) here is the checkpoint's own question encoder: any encoder of the same dimension will do

@@ -1,7 +1,7 @@
 """Training: the retriever learns from (question, answer) pairs alone; checkpoints, exact resume, the loop.
 
-The synthetic world (rag.synthetic) is built once per module: tiny random q(x), d(z) and generator
-saved as model folders, and a real knowledge base built from them by rag.knowledge.
+The synthetic world (rag.synthetic) is built once per session (conftest.world): tiny random q(x), d(z)
+and generator saved as model folders, and a real knowledge base built from them by rag.knowledge.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTH
 
 from rag.cli import main as cli_main
 from rag.metrics import has_answer
@@ -31,18 +32,6 @@ from rag.training import (
     train,
     train_step,
 )
-
-SYNTH = SyntheticConfig(seed=0)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
-    task = make_task(SYNTH)
-    rag, reader_accuracy = build_world(task, tmp_path_factory.mktemp("world"), SYNTH, reader_steps=400, k=8)
-    train_set = [Example(p.question, p.answer, (p.answer,)) for p in task.train]
-    test_set = [Example(p.question, p.answer, (p.answer,)) for p in task.test]
-    return task, rag, reader_accuracy, train_set, test_set
 
 
 def _config(rag, **changes) -> TrainConfig:

@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze-query-encoder", action="store_true", help="the frozen-retriever ablation")
     p.add_argument("--freeze-generator", action="store_true")
+    p.add_argument("--train-passage-encoder", action="store_true",
+                   help="optional: train d(z) too (the index is rebuilt every --reindex-every steps and at the end)")
+    p.add_argument("--passage-lr", type=float, default=None, help="d(z)'s learning rate (default: --lr)")
+    p.add_argument("--reindex-every", type=int, default=0, help="steps between re-indexings (0: at the end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         label_smoothing=args.label_smoothing, bf16=args.bf16, seed=args.seed,
         freeze_query_encoder=args.freeze_query_encoder, freeze_generator=args.freeze_generator,
-        eval_every=args.eval_every, save_every=args.save_every,
+        train_passage_encoder=args.train_passage_encoder, passage_lr=args.passage_lr,
+        reindex_every=args.reindex_every, eval_every=args.eval_every, save_every=args.save_every,
     )  # fmt: skip
     model = RagModel.from_config(config.rag, args.device)
     result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
