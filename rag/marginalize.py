@@ -114,13 +114,13 @@ def rag_token_nll(
     Label smoothing as transformers' RagTokenForGeneration.get_nll: smooth = -sum_i sum_v log p'(v|x,y_<i)
     over the marginal p' of eq. 2, loss = (1 - eps) nll + eps / V * smooth.
     """
+    if epsilon == 0.0:  # the same numbers without the (B, T, V) marginal: gather the targets first
+        return -token_logprob(token_logprobs, doc_logprior, mask, targets)  # (B,)
     vocab = token_logprobs.shape[-1]
     marginal = token_marginals(token_logprobs, doc_logprior)  # (B, T, V)
     picked = marginal.gather(-1, targets[:, :, None]).squeeze(-1)  # (B, T)
     keep = mask.bool()  # (B, T)
     nll = -torch.where(keep, picked, 0.0).sum(-1)  # (B,)
-    if epsilon == 0.0:
-        return nll
     smooth = -torch.where(keep, marginal.sum(-1), 0.0).sum(-1)  # (B,)
     return (1.0 - epsilon) * nll + (epsilon / vocab) * smooth  # (B,)
 
