@@ -32,11 +32,11 @@ import torch
 from results_report import KS, NAMES, RECALL_KS, markdown
 
 from rag import metrics as MT
-from rag.cli.ask import native_bfloat16
 from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, GeneratorConfig, IndexConfig, RagConfig
 from rag.corpus import Passage
 from rag.eval_report import recall_curve, write_report
 from rag.evaluation import EvalConfig, evaluate, evaluate_many
+from rag.generators.loading import generator_dtype
 from rag.hotswap import hotswap_experiment, hotswap_markdown
 from rag.io import atomic_write_text
 from rag.knowledge import (
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only and args.workers > 1:
         run_workers(list(argv or []))
     decoding = DecodingConfig(num_beams=1, max_new_tokens=args.max_new_tokens)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if native_bfloat16("cpu") else "float32")
+    dtype = generator_dtype(args.dtype, "cpu")
     model = RagModel.from_config(RagConfig(k=5, generator=GeneratorConfig(dtype=dtype)))  # type: ignore[arg-type]
     sets = question_sets(data, wiki)
     report: dict[str, Any] = {"datasets": {}, "dtype": dtype, "prompt": model.generator.generator_config.prompt,

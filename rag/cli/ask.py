@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TextIO
 
 from rag.config import PROMPT_STYLES, DecodingConfig, GeneratorConfig, RagConfig
+from rag.generators.loading import generator_dtype
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,7 @@ class Asker:
 
         if k < 1:
             raise ValueError(f"-k must be >= 1, got {k}")
-        if dtype == "auto":
-            dtype = "bfloat16" if native_bfloat16(device) else "float32"
+        dtype = generator_dtype(dtype, device)
         generator_config = GeneratorConfig(dtype=dtype, prompt=prompt)  # type: ignore[arg-type]
         if generator:
             generator_config = replace(generator_config, path=generator)
@@ -151,16 +151,6 @@ class Asker:
             TokenEvidence(tokenizer.decode([token]), [round(p, 6) for p in row])
             for token, row in zip(ids, per_token, strict=True)
         ]
-
-
-def native_bfloat16(device: str) -> bool:
-    """Whether bfloat16 matmuls run natively here (CPU: AMX or AVX512-BF16; CUDA: compute capability 8+)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def format_answer(answer: Answer, width: int = 100) -> str:

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="generator weights (auto: bfloat16 where the hardware computes it natively)")
     p.add_argument("--query-encoder", help="q(x) path (default: the knowledge base's own encoder)")
     p.add_argument("--query-scale", type=float,
                    help="q(x) = scale * pooled output, the prior's temperature (default: 20 for the default "
@@ -70,6 +72,7 @@ def read_examples(args: argparse.Namespace) -> list[Any]:
 def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """(retriever or None, generator or None, kinds) for the chosen mode; hot-swap applied."""
     from rag.generators import load_generator
+    from rag.generators.loading import generator_dtype
 
     kinds = args.kind or ["token"]
     query_encoder, generator = None, None
@@ -81,7 +84,7 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         if args.mode != "closed-book" and not args.index:
             raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
     elif args.mode != "retrieval-only":
-        config = GeneratorConfig(prompt=args.prompt)
+        config = GeneratorConfig(prompt=args.prompt, dtype=generator_dtype(args.dtype, args.device))  # type: ignore[arg-type]
         generator = load_generator(replace(config, path=args.generator) if args.generator else config, args.device)
     if args.mode == "closed-book":
         return None, generator, kinds

@@ -83,3 +83,20 @@ def load_generator(config: GeneratorConfig, device: str | torch.device = "cpu") 
     tokenizer = AutoTokenizer.from_pretrained(path)
     cls = Seq2SeqGenerator if family == "seq2seq" else CausalGenerator
     return cls(model, tokenizer, config)
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether bfloat16 matmuls run natively here (CPU: AMX or AVX512-BF16; CUDA: compute capability 8+)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def generator_dtype(dtype: str, device: str) -> str:
+    """ "auto" -> bfloat16 where it runs natively (about 2x faster on CPUs with AMX), else float32."""
+    if dtype == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return dtype
