@@ -95,8 +95,7 @@ def tiny_t5(seed: int = 0) -> Seq2SeqGenerator:
     return Seq2SeqGenerator(model, tokenizer, GeneratorConfig(path="tiny-t5", max_input_tokens=96))
 
 
-def tiny_llama(seed: int = 0, chat: bool = False) -> CausalGenerator:
-    tokenizer = word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], chat=chat)
+def _llama(tokenizer: PreTrainedTokenizerFast, seed: int, positions: int, pad: int, eos: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -105,12 +104,17 @@ def tiny_llama(seed: int = 0, chat: bool = False) -> CausalGenerator:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
+        pad_token_id=pad,
+        eos_token_id=eos,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama(seed: int = 0, chat: bool = False) -> CausalGenerator:
+    tokenizer = word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], chat=chat)
+    model = _llama(tokenizer, seed, positions=256, pad=1, eos=2)
     prompt = "chat" if chat else "plain"
     return CausalGenerator(
         model, tokenizer, GeneratorConfig(path="tiny-llama", max_input_tokens=96, prompt=prompt)
@@ -131,20 +135,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_short_answer_llama(seed: int = 0) -> CausalGenerator:
     """The default causal prompt ("short-answer") on a byte-level tokenizer: answers end at a newline."""
     tokenizer = byte_level_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        pad_token_id=0,
-        eos_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = _llama(tokenizer, seed, positions=512, pad=0, eos=0)
     return CausalGenerator(model, tokenizer, GeneratorConfig(path="tiny-short", max_input_tokens=400))
 
 
