@@ -47,12 +47,9 @@ from rag.knowledge import (
 )
 from rag.model import RagModel
 from rag.resources import red_trivia_dir, shared_data_dir
+from rag.task_readers import RED_TRIVIA_GENERAL_LISTS
 from rag.tasks import Example, read_task, split_reserved
 
-# Red-Trivia lists of general knowledge (the game, show and flag/map-picture lists are left out: their
-# answers occur in the summaries mostly by accident, e.g. a Pokemon named after a common word)
-TRIVIA_LISTS = ("general", "artandliterature", "entertainment", "worldcapitals", "uscapitals", "greekmyth",
-                "elements", "sports", "computers", "2015", "2016")
 KB_ROOT = Path("bench/out/results")  # knowledge bases built here once, shared by every run
 
 
@@ -141,7 +138,7 @@ def sample(examples: list[Example], n: int, seed: int = 0) -> list[Example]:
 
 
 def question_sets(data: Path | None, wiki: Path) -> dict[str, list[Example]]:
-    trivia = read_task("red-trivia", red_trivia_dir(), subsets=list(TRIVIA_LISTS))
+    trivia = read_task("red-trivia", red_trivia_dir(), subsets=list(RED_TRIVIA_GENERAL_LISTS))
     sets = {"wiki": answers_in_kb(trivia, wiki)}
     if data is not None:
         sets["squad"] = split_reserved(read_task("squad-open", data / "squad_v1.1_dev"), "dev")

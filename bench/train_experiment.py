@@ -6,7 +6,8 @@
 1. Synthetic (rag.synthetic): tiny models from scratch; held-out recall@1 and exact match before
    training, after training q(x) + generator, and with q(x) frozen.
 2. Real: the default knowledge base (10,033 Wikipedia summaries, all-MiniLM-L6-v2 as q(x) and d(z)),
-   SmolLM2-135M-Instruct as generator, k = 5; Red-Trivia questions whose answer (any alias) occurs in
+   SmolLM2-135M-Instruct as generator, k = 5; Red-Trivia questions of the general-knowledge lists
+   (rag.task_readers.RED_TRIVIA_GENERAL_LISTS) whose answer (any alias) occurs in
    a passage of the knowledge base (DPR's has_answer), deduplicated by question and split at random
    into train / dev / test with no question in two splits. Test exact match and answer recall@5 for:
    closed book, RAG before fine-tuning, RAG-Token and RAG-Sequence after fine-tuning, and RAG-Token
@@ -42,6 +43,7 @@ from rag.knowledge import default_knowledge_base, open_knowledge_base  # noqa: E
 from rag.model import RagModel  # noqa: E402
 from rag.resources import red_trivia_dir  # noqa: E402
 from rag.synthetic import SyntheticConfig, build_world, make_task  # noqa: E402
+from rag.task_readers import RED_TRIVIA_GENERAL_LISTS  # noqa: E402
 from rag.tasks import Example as TaskExample  # noqa: E402
 from rag.tasks import read_task  # noqa: E402
 from rag.training import Example, TrainConfig, evaluate_dev, train  # noqa: E402
@@ -91,7 +93,7 @@ def answerable(examples: list[TaskExample], kb_dir: Path) -> list[TaskExample]:
 
 
 def splits(args: argparse.Namespace, kb_dir: Path) -> dict[str, list[TaskExample]]:
-    pool = answerable(list(read_task("red-trivia", red_trivia_dir())), kb_dir)
+    pool = answerable(list(read_task("red-trivia", red_trivia_dir(), subsets=list(RED_TRIVIA_GENERAL_LISTS))), kb_dir)
     random.Random(args.seed).shuffle(pool)
     n = (args.train, args.dev, args.test)
     if sum(n) > len(pool):
@@ -138,7 +140,7 @@ def real(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         base.kind = kind
         config = TrainConfig(rag=dataclasses.replace(RagConfig(kind=kind, k=5), index_dir=str(kb_dir)),
                              steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, generator_lr=args.generator_lr, warmup_steps=args.steps // 10,
-                             schedule="linear", bf16=args.bf16, seed=args.seed, freeze_query_encoder=frozen)  # fmt: skip
+                             schedule="linear", bf16=not args.fp32, seed=args.seed, freeze_query_encoder=frozen)  # fmt: skip
         start = time.perf_counter()
         result = train(base, _training_examples(data["train"]), config, _training_examples(data["dev"]),
                        out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))  # fmt: skip
@@ -172,16 +174,17 @@ def tables(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=64, help="training questions")
+    parser.add_argument("--train", type=int, default=160, help="training questions")
     parser.add_argument("--dev", type=int, default=0, help="dev questions (EM/recall in each run's log)")
-    parser.add_argument("--test", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--test", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=1, help="questions per micro-batch (memory)")
     parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="q(x)'s learning rate (a 22M encoder, few steps)")
     parser.add_argument("--generator-lr", type=float, default=2e-5)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
+    parser.add_argument("--fp32", action="store_true", help="no bfloat16 autocast in training (about 2x slower)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--synthetic-only", action="store_true")
     parser.add_argument("--no-synthetic", action="store_true")
     parser.add_argument("--no-baselines", action="store_true", help="skip closed book and RAG before fine-tuning")
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "train_experiment")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if not args.no_synthetic:
