@@ -160,11 +160,11 @@ def compare_decoding(args: argparse.Namespace) -> list[Row]:
 
 def ask_latency(questions: list[str], kind: str, beams: int, dtype: str) -> dict[str, Any]:
     """Seconds per question of `rag ask` (its Asker) after one warm-up question; the answers too."""
-    from rag.cli.ask import Asker
+    from rag.cli.ask import Asker, rag_model_config
 
     start = time.perf_counter()
     config = DecodingConfig(num_beams=beams, max_new_tokens=32, min_new_tokens=1)
-    asker = Asker.load(kind=kind, config=config, dtype=dtype)
+    asker = Asker.load(rag_model_config(kind=kind, dtype=dtype), config)
     load_s = time.perf_counter() - start
     asker.ask(questions[0])  # warm-up
     times, answers = [], []

@@ -79,6 +79,15 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
     return path
 
 
+def is_training_checkpoint(path: Path | str) -> bool:
+    """Whether `path` is a checkpoint folder written by save_checkpoint (not, e.g., a released RAG one)."""
+    config = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
     return read_format_json(path, CONFIG_FILE, FORMAT, "training checkpoint")
 

@@ -16,6 +16,7 @@ import torch
 from conftest import SYNTH
 
 from rag.cli import main as cli_main
+from rag.config import DecodingConfig
 from rag.metrics import has_answer
 from rag.model import RagModel
 from rag.synthetic import SyntheticConfig, build_world, make_task, write_qa_jsonl
@@ -200,6 +201,19 @@ def test_cli_train_resume_and_plot(world, tmp_path, capsys):
     assert "dev_exact_match" in log[1] and "dev_recall_at_k" in log[3] and "dev_exact_match" not in log[0]
     model = load_rag_model(run / "checkpoint")
     assert (model.kind, model.k, model.query_encoder.scale) == ("token", 4, 1.0)
+    # rag ask and rag eval take the checkpoint with one argument: its model, knowledge base, kind and k
+    capsys.readouterr()
+    question = task.test[0].question
+    assert cli_main(["ask", "--checkpoint", str(run / "checkpoint"), "--json", "--max-new-tokens", "4", question]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        expected = model.generate([question], DecodingConfig(num_beams=1, max_new_tokens=4))
+    assert asked["answer"] == expected.answers[0] and asked["k"] == 4
+    assert [p["id"] for p in asked["passages"]] == expected.retrieved.ids[0]
+    evaluated = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint"), "--task", "nq-open", "--data", str(dev_file),
+                     "--out", str(evaluated), "--no-progress", "--max-new-tokens", "4", "--dtype", "float32"]) == 0  # fmt: skip
+    assert json.loads((evaluated / "rag-token-k4" / "metrics.json").read_text())["n"] == 4
     png = tmp_path / "curves.png"
     assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

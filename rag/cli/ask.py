@@ -72,32 +72,15 @@ class Asker:
         self.config = config
 
     @classmethod
-    def load(
-        cls,
-        kind: str = "token",
-        k: int = 5,
-        config: DecodingConfig | None = None,
-        index_dir: str = "",
-        generator: str = "",
-        device: str = "cpu",
-        dtype: str = "auto",
-        prompt: str = "short-answer",
-    ) -> Asker:
-        """Default encoders, knowledge base (built on first use) and generator, unless paths are given."""
+    def load(cls, rag_config: RagConfig, config: DecodingConfig | None = None, device: str = "cpu") -> Asker:
+        """The model `rag_config` names (rag_model_config builds it from the flags or a checkpoint)."""
         from rag.model import RagModel
 
-        if k < 1:
-            raise ValueError(f"-k must be >= 1, got {k}")
-        dtype = generator_dtype(dtype, device)
-        generator_config = GeneratorConfig(dtype=dtype, prompt=prompt)  # type: ignore[arg-type]
-        if generator:
-            generator_config = replace(generator_config, path=generator)
-        rag_config = RagConfig(kind=kind, k=k, index_dir=index_dir, generator=generator_config)  # type: ignore[arg-type]
+        if rag_config.k < 1:
+            raise ValueError(f"-k must be >= 1, got {rag_config.k}")
         model = RagModel.from_config(rag_config, device)
-        if k > len(model.retriever.index):
-            raise ValueError(
-                f"-k {k} exceeds the {len(model.retriever.index)} passages of the knowledge base"
-            )
+        if rag_config.k > len(model.retriever.index):
+            raise ValueError(f"-k {rag_config.k} exceeds the {len(model.retriever.index)} passages of the knowledge base")
         return cls(model, config or DecodingConfig())
 
     def ask(self, question: str) -> Answer:
@@ -153,6 +136,32 @@ class Asker:
         ]
 
 
+def rag_model_config(
+    kind: str | None = None,
+    k: int | None = None,
+    index_dir: str = "",
+    generator: str = "",
+    dtype: str = "auto",
+    prompt: str = "short-answer",
+    checkpoint: str = "",
+    device: str = "cpu",
+) -> RagConfig:
+    """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
+    checkpoint's model (its q(x), generator, knowledge base, kind and k), which the other flags adjust."""
+    if checkpoint:
+        from rag.train_checkpoint import checkpoint_rag_config
+
+        base = checkpoint_rag_config(checkpoint)
+        generator_config = replace(base.generator, dtype=generator_dtype(dtype, device))
+    else:
+        base = RagConfig()
+        generator_config = GeneratorConfig(dtype=generator_dtype(dtype, device), prompt=prompt)  # type: ignore[arg-type]
+    if generator:
+        generator_config = replace(generator_config, path=generator)
+    return replace(base, kind=kind or base.kind, k=k or base.k, index_dir=index_dir or base.index_dir,
+                   generator=generator_config)  # type: ignore[arg-type]  # fmt: skip
+
+
 def format_answer(answer: Answer, width: int = 100) -> str:
     """The human-readable report: answer, then each passage with prior -> posterior."""
     kind = "RAG-Token" if answer.kind == "token" else "RAG-Sequence"
@@ -178,8 +187,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("questions", nargs="*", help="questions (or -i to read them from stdin)")
     p.add_argument("-i", "--interactive", action="store_true", help="read questions from stdin, one per line")
     p.add_argument("--json", action="store_true", help="one JSON object per question")
-    p.add_argument("--kind", choices=["token", "sequence"], default="token")
-    p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
+    p.add_argument("--kind", choices=["token", "sequence"], default=None, help="default: token (or the checkpoint's)")
+    p.add_argument("-k", type=int, default=None, help="passages retrieved and marginalised (default: 5, or the checkpoint's)")
+    p.add_argument("--checkpoint", default="", help="a `rag train` checkpoint folder (RUN/checkpoint): its trained model")
     p.add_argument("--beams", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument(
         "--decoding", choices=["thorough", "fast"], default="thorough", help="RAG-Sequence decoding"
@@ -225,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
         min_new_tokens=args.min_new_tokens,
         decoding=args.decoding,
     )
-    asker = Asker.load(args.kind, args.k, config, args.index, args.generator, args.device, args.dtype, args.prompt)
+    rag_config = rag_model_config(args.kind, args.k, args.index, args.generator, args.dtype, args.prompt,
+                                  args.checkpoint, args.device)  # fmt: skip
+    asker = Asker.load(rag_config, config, args.device)
     for question in _questions(args, sys.stdin):
         answer = asker.ask(question)
         print(to_json(answer) if args.json else format_answer(answer, args.width) + "\n", flush=True)

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reserved sets: dev = positions i %% 5 != 4, reserved = i %% 5 == 4 (final figures only)")
     p.add_argument("--limit", type=int, default=0, help="the first N examples (after --part)")
     p.add_argument("--mode", choices=["rag", "closed-book", "retrieval-only"], default="rag")
-    p.add_argument("--checkpoint", help="a released RAG checkpoint folder (transformers layout)")
+    p.add_argument("--checkpoint", help="a `rag train` checkpoint, or a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "encoder, as RagConfig; 1 otherwise)")
     p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
-    p.add_argument("-k", type=int, nargs="+", default=[5], help="passages marginalised; several values = several runs")
+    p.add_argument("-k", type=int, nargs="+", default=None,
+                   help="passages marginalised; several values = several runs (default: 5, or the checkpoint's)")
     p.add_argument("--kind", choices=["token", "sequence"], nargs="+",
                    help="RAG-Token and/or RAG-Sequence (default token, or the checkpoint's)")
     p.add_argument("--decoding", choices=["thorough", "fast"], nargs="+", default=["thorough"],
@@ -73,10 +74,24 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """(retriever or None, generator or None, kinds) for the chosen mode; hot-swap applied."""
     from rag.generators import load_generator
     from rag.generators.loading import generator_dtype
+    from rag.train_checkpoint import checkpoint_rag_config, is_training_checkpoint
 
     kinds = args.kind or ["token"]
     query_encoder, generator = None, None
-    if args.checkpoint:
+    if args.checkpoint and is_training_checkpoint(args.checkpoint):
+        args.k = args.k or [checkpoint_rag_config(args.checkpoint).k]
+    args.k = args.k or [5]
+    if any(k < 1 for k in args.k):
+        raise ValueError(f"-k values must be >= 1, got {args.k}")
+    if args.checkpoint and is_training_checkpoint(args.checkpoint):  # `rag train`'s own format
+        from rag.encoders import load_encoder
+
+        trained = checkpoint_rag_config(args.checkpoint)
+        query_encoder = load_encoder(trained.query_encoder, args.device)
+        dtype = generator_dtype(args.dtype, args.device)
+        generator = load_generator(replace(trained.generator, dtype=dtype), args.device)  # type: ignore[arg-type]
+        kinds, args.index = args.kind or [trained.kind], args.index or trained.index_dir
+    elif args.checkpoint:
         from rag.checkpoints import load_rag_checkpoint
 
         ckpt = load_rag_checkpoint(args.checkpoint, args.device)
@@ -127,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.hotswap_experiment:
         return run_hotswap(args, out)
-    if any(k < 1 for k in args.k):
-        raise ValueError(f"-k values must be >= 1, got {args.k}")
     examples = read_examples(args)
     if not examples:
         raise ValueError(f"{args.data}: no examples to evaluate")
