@@ -67,6 +67,18 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
+def _timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, Any, float, Any]:
+    """Best-of-N of two functions run alternately (ABAB...), so that drift in the machine's load
+    (another job starting or ending) falls on both sides alike."""
+    best_a, best_b, out_a, out_b = float("inf"), float("inf"), None, None
+    for _ in range(repeats):
+        seconds, out_a = _timed(first, 1)
+        best_a = min(best_a, seconds)
+        seconds, out_b = _timed(second, 1)
+        best_b = min(best_b, seconds)
+    return best_a, out_a, best_b, out_b
+
+
 def _workload(batch: int, k: int, vocab: int) -> tuple[list[str], Passages, list[str]]:
     """Questions about B articles, each with K other articles' first 100 words; the top words as vocabulary."""
     summaries = json.loads(wiki_summaries_path().read_text())
