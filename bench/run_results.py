@@ -110,16 +110,20 @@ def nq_kb(data: Path, root: Path, wiki: Path, squad: Path) -> Path:
 # ------------------------------------------------------------------------------ question sets
 
 
-def answers_in_kb(examples: list[Example], kb_dir: Path) -> list[Example]:
-    """The examples with an answer that occurs (DPR's has_answer) in some passage of the knowledge base."""
+def answers_in_kb(examples: list[Example], kb_dir: Path, one_per_question: bool = False) -> list[Example]:
+    """The examples with an answer that occurs (DPR's has_answer) in some passage of the knowledge base;
+    one_per_question keeps only the first example of each question text (case and spaces aside)."""
     kb = open_knowledge_base(kb_dir)
     texts = [p.text for p in kb.passages.get(np.arange(len(kb.passages)))]
     where: dict[str, set[int]] = defaultdict(set)
     for i, text in enumerate(texts):
         for token in set(MT.dpr_tokens(text)):
             where[token].add(i)
-    kept = []
+    kept, seen = [], set()
     for ex in examples:
+        key = ex.input.strip().lower()
+        if one_per_question and key in seen:
+            continue
         for answer in ex.answers:
             tokens = MT.dpr_tokens(answer)
             if not tokens:
@@ -127,6 +131,7 @@ def answers_in_kb(examples: list[Example], kb_dir: Path) -> list[Example]:
             rows = set.intersection(*(where.get(t, set()) for t in tokens))
             if any(MT.has_answer([answer], texts[r]) for r in rows):
                 kept.append(ex)
+                seen.add(key)
                 break
     return kept
 

@@ -25,21 +25,20 @@ import random
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # rag, and run_results' question selection
 
-from rag import metrics as MT  # noqa: E402
+from run_results import answers_in_kb  # noqa: E402
+
 from rag.config import DecodingConfig, RagConfig  # noqa: E402
 from rag.evaluation import EvalConfig, evaluate  # noqa: E402
 from rag.io import atomic_write_text  # noqa: E402
-from rag.knowledge import default_knowledge_base, open_knowledge_base  # noqa: E402
+from rag.knowledge import default_knowledge_base  # noqa: E402
 from rag.model import RagModel  # noqa: E402
 from rag.resources import red_trivia_dir  # noqa: E402
 from rag.synthetic import SyntheticConfig, build_world, make_task  # noqa: E402
@@ -69,31 +68,9 @@ def synthetic(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def answerable(examples: list[TaskExample], kb_dir: Path) -> list[TaskExample]:
-    """Examples with an answer alias inside some passage text (DPR's has_answer), one per question."""
-    kb = open_knowledge_base(kb_dir)
-    texts = [p.text for p in kb.passages.get(np.arange(len(kb.passages)))]
-    where: dict[str, set[int]] = defaultdict(set)
-    for row, text in enumerate(texts):
-        for token in set(MT.dpr_tokens(text)):
-            where[token].add(row)
-    kept, seen = [], set()
-    for ex in examples:
-        key = ex.input.strip().lower()
-        if key in seen:
-            continue
-        for answer in ex.answers:
-            tokens = MT.dpr_tokens(answer)
-            rows = set.intersection(*(where.get(t, set()) for t in tokens)) if tokens else set()
-            if any(MT.has_answer([answer], texts[r]) for r in rows):
-                kept.append(ex)
-                seen.add(key)
-                break
-    return kept
-
-
 def splits(args: argparse.Namespace, kb_dir: Path) -> dict[str, list[TaskExample]]:
-    pool = answerable(list(read_task("red-trivia", red_trivia_dir(), subsets=list(RED_TRIVIA_GENERAL_LISTS))), kb_dir)
+    questions = read_task("red-trivia", red_trivia_dir(), subsets=list(RED_TRIVIA_GENERAL_LISTS))
+    pool = answers_in_kb(list(questions), kb_dir, one_per_question=True)
     random.Random(args.seed).shuffle(pool)
     n = (args.train, args.dev, args.test)
     if sum(n) > len(pool):

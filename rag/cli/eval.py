@@ -78,15 +78,15 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     kinds = args.kind or ["token"]
     query_encoder, generator = None, None
+    trained = None  # a `rag train` checkpoint's RagConfig (that format, not a released checkpoint)
     if args.checkpoint and is_training_checkpoint(args.checkpoint):
-        args.k = args.k or [checkpoint_rag_config(args.checkpoint).k]
-    args.k = args.k or [5]
+        trained = checkpoint_rag_config(args.checkpoint)
+    args.k = args.k or [trained.k if trained else 5]
     if any(k < 1 for k in args.k):
         raise ValueError(f"-k values must be >= 1, got {args.k}")
-    if args.checkpoint and is_training_checkpoint(args.checkpoint):  # `rag train`'s own format
+    if trained is not None:
         from rag.encoders import load_encoder
 
-        trained = checkpoint_rag_config(args.checkpoint)
         query_encoder = load_encoder(trained.query_encoder, args.device)
         dtype = generator_dtype(args.dtype, args.device)
         generator = load_generator(replace(trained.generator, dtype=dtype), args.device)  # type: ignore[arg-type]
