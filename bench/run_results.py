@@ -47,8 +47,7 @@ from rag.knowledge import (
 )
 from rag.model import RagModel
 from rag.resources import red_trivia_dir, shared_data_dir
-from rag.task_readers import RED_TRIVIA_GENERAL_LISTS
-from rag.tasks import Example, read_task, split_reserved
+from rag.tasks import RED_TRIVIA_GENERAL_LISTS, Example, read_task, split_reserved
 
 KB_ROOT = Path("bench/out/results")  # knowledge bases built here once, shared by every run
 

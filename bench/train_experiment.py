@@ -7,7 +7,7 @@
    training, after training q(x) + generator, and with q(x) frozen.
 2. Real: the default knowledge base (10,033 Wikipedia summaries, all-MiniLM-L6-v2 as q(x) and d(z)),
    SmolLM2-135M-Instruct as generator, k = 5; Red-Trivia questions of the general-knowledge lists
-   (rag.task_readers.RED_TRIVIA_GENERAL_LISTS) whose answer (any alias) occurs in
+   (rag.tasks.RED_TRIVIA_GENERAL_LISTS) whose answer (any alias) occurs in
    a passage of the knowledge base (DPR's has_answer), deduplicated by question and split at random
    into train / dev / test with no question in two splits. Test exact match and answer recall@5 for:
    closed book, RAG before fine-tuning, RAG-Token and RAG-Sequence after fine-tuning, and RAG-Token
@@ -42,9 +42,8 @@ from rag.knowledge import default_knowledge_base  # noqa: E402
 from rag.model import RagModel  # noqa: E402
 from rag.resources import red_trivia_dir  # noqa: E402
 from rag.synthetic import SyntheticConfig, build_world, make_task  # noqa: E402
-from rag.task_readers import RED_TRIVIA_GENERAL_LISTS  # noqa: E402
+from rag.tasks import RED_TRIVIA_GENERAL_LISTS, read_task  # noqa: E402
 from rag.tasks import Example as TaskExample  # noqa: E402
-from rag.tasks import read_task  # noqa: E402
 from rag.training import Example, TrainConfig, evaluate_dev, train  # noqa: E402
 
 

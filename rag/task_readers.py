@@ -345,13 +345,6 @@ def _red_trivia_file(path: Path) -> Iterator[tuple[int, int, tuple[str, Any]]]:
         position += 1
 
 
-# The Red-Trivia lists of general knowledge. The game, show and flag/map-picture lists are left out of
-# the experiments: their answers occur in Wikipedia summaries mostly by accident (a Pokemon named after
-# a common word), which makes "the answer is in a passage" a poor test of retrieval.
-RED_TRIVIA_GENERAL_LISTS = ("general", "artandliterature", "entertainment", "worldcapitals", "uscapitals",
-                            "greekmyth", "elements", "sports", "computers", "2015", "2016")  # fmt: skip
-
-
 def read_red_trivia(
     path: Path | str,
     *,
