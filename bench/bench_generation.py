@@ -172,7 +172,7 @@ def compare_decoding(args: argparse.Namespace) -> list[Row]:
 
 def ask_latency(questions: list[str], kind: str, beams: int, dtype: str) -> dict[str, Any]:
     """Seconds per question of `rag ask` (its Asker) after one warm-up question; the answers too."""
-    from rag.cli.ask import Asker, rag_model_config
+    from rag.answering import Asker, rag_model_config
 
     start = time.perf_counter()
     config = DecodingConfig(num_beams=beams, max_new_tokens=32, min_new_tokens=1)

@@ -20,8 +20,9 @@ import torch
 from tiny_encoders import word_encoder, word_retriever
 from tiny_generators import tiny_generator
 
+from rag.answering import Asker, to_json
 from rag.cli import build_parser, main
-from rag.cli.ask import Asker, _questions, format_answer, to_json
+from rag.cli.ask import _questions, format_answer
 from rag.config import DecodingConfig
 from rag.corpus import Passage
 from rag.model import RagModel
@@ -143,3 +144,30 @@ def test_rag_ask_answers_luanda_with_the_angola_passage_on_top():
     assert best["title"] in ("Angola", "Luanda") and "Luanda" in best["text"]  # a passage stating the answer
     assert sum(p["prior"] for p in data["passages"]) == pytest.approx(1.0, abs=1e-4)
     assert sum(p["posterior"] for p in data["passages"]) == pytest.approx(1.0, abs=1e-4)
+
+
+BATCH = [QUESTION, "where is berlin ?", "what is the largest river in africa ?", "who wrote the book ?"]
+
+
+@pytest.mark.parametrize(("name", "kind", "beams"), [("bart", "token", 1), ("bart", "token", 2),
+                                                     ("bart", "sequence", 2), ("llama-short-answer", "token", 1),
+                                                     ("llama", "sequence", 1)])  # fmt: skip
+def test_a_batch_answers_exactly_as_one_question_at_a_time(parts, name, kind, beams):
+    """ask_many (one retrieval, one batched decoding; causal prompts left-padded to one width) gives
+    each question the answer, evidence and posteriors that asking it alone gives."""
+    query_encoder, _, retriever, _ = parts
+    config = DecodingConfig(num_beams=beams, max_new_tokens=6, min_new_tokens=2)
+    asker = Asker(RagModel(query_encoder, retriever, tiny_generator(name, seed=5), kind, K), config)
+    batched = asker.ask_many(BATCH)
+    for question, answer in zip(BATCH, batched, strict=True):
+        alone = asker.ask(question)
+        assert answer.token_ids == alone.token_ids and answer.answer == alone.answer
+        assert [p.id for p in answer.passages] == [p.id for p in alone.passages]
+        for got, want in zip(answer.passages, alone.passages, strict=True):
+            assert got.prior == pytest.approx(want.prior, abs=1e-5)
+            assert got.posterior == pytest.approx(want.posterior, abs=1e-5)
+        assert answer.log_prob == pytest.approx(alone.log_prob, abs=1e-4)
+        assert [t.token for t in answer.tokens] == [t.token for t in alone.tokens]
+        for got, want in zip(answer.tokens, alone.tokens, strict=True):
+            np.testing.assert_allclose(got.posterior, want.posterior, atol=1e-5)
+    assert len({tuple(a.token_ids) for a in batched}) > 1 or len({a.passages[0].id for a in batched}) > 1

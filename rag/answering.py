@@ -1,0 +1,185 @@
+"""Answers with their evidence: a loaded RAG model, questions in, answers with the passages' prior
+p(z|x), posterior p(z|x,y) and (RAG-Token) the per-token posteriors p(z_i|x,y_<=i) out.
+
+`rag ask` and `rag serve` both answer through `Asker`, and both write an answer's JSON with
+`answer_dict`, so `rag ask --json` and the server's /v1/answer are the same object.
+
+    asker = Asker.load(rag_model_config(), DecodingConfig(num_beams=1))
+    answers = asker.ask_many(["What is the capital of Angola?", "Who wrote Hamlet?"])  # one batch
+    print(answer_dict(answers[0]))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from rag.config import DecodingConfig, GeneratorConfig, RagConfig
+from rag.generators.loading import generator_dtype
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One retrieved passage z and what the model made of it."""
+
+    rank: int
+    id: str
+    title: str
+    text: str
+    score: float  # q(x) . d(z)
+    prior: float  # p(z|x)
+    posterior: float  # p(z|x,y) for the answer y
+
+
+@dataclass(frozen=True)
+class TokenEvidence:
+    """RAG-Token: the document posterior of one generated token, p(z_i|x,y_<=i) (the paper's Figure 2)."""
+
+    token: str
+    posterior: list[float]  # (K,) in passage rank order
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    answer: str
+    kind: str
+    k: int
+    decoding: str  # "beam" / "greedy" (token), "thorough" / "fast" (sequence)
+    log_prob: float | None  # log p(y|x) under the model's kind (fast: its approximation); None: no answer
+    token_ids: list[int]  # the generated ids of y (eos included when generated)
+    seconds: float
+    passages: list[Evidence]
+    tokens: list[TokenEvidence]  # empty for RAG-Sequence
+
+
+def answer_dict(answer: Answer) -> dict[str, Any]:
+    """The answer as JSON-ready data: `rag ask --json` prints it, the server's /v1/answer returns it."""
+    return asdict(answer)
+
+
+def to_json(answer: Answer) -> str:
+    return json.dumps(answer_dict(answer), ensure_ascii=False, allow_nan=False)
+
+
+def decoding_name(kind: str, config: DecodingConfig) -> str:
+    if kind == "sequence":
+        return config.decoding
+    return "greedy" if config.num_beams == 1 else "beam"
+
+
+class Asker:
+    """A loaded RAG model and decoding settings; `ask_many` answers a batch of questions at once."""
+
+    def __init__(self, model, config: DecodingConfig) -> None:
+        self.model = model  # rag.model.RagModel
+        self.config = config
+
+    @classmethod
+    def load(cls, rag_config: RagConfig, config: DecodingConfig | None = None, device: str = "cpu") -> Asker:
+        """The model `rag_config` names (rag_model_config builds it from the flags or a checkpoint)."""
+        from rag.model import RagModel
+
+        if rag_config.k < 1:
+            raise ValueError(f"-k must be >= 1, got {rag_config.k}")
+        model = RagModel.from_config(rag_config, device)
+        if rag_config.k > len(model.retriever.index):
+            raise ValueError(f"-k {rag_config.k} exceeds the {len(model.retriever.index)} passages of the knowledge base")
+        return cls(model, config or DecodingConfig())
+
+    def ask(self, question: str) -> Answer:
+        return self.ask_many([question])[0]
+
+    def ask_many(self, questions: list[str]) -> list[Answer]:
+        """One retrieval and one batched decoding for all `questions`; each answer equals `ask`'s."""
+        questions = _checked(questions)
+        start = time.perf_counter()
+        result = self.model.generate(questions, self.config)
+        return self.answers(questions, result, time.perf_counter() - start)
+
+    def answers(self, questions: list[str], result, seconds: float) -> list[Answer]:
+        """The Answer of each question from a batched rag.model.RagAnswer."""
+        return [self._answer(questions[b], result, b, seconds) for b in range(len(questions))]
+
+    def _answer(self, question: str, result, b: int, seconds: float) -> Answer:
+        gen, retrieved = result.generation, result.retrieved
+        prior = gen.doc_logprior[b].exp().tolist()  # (K,)
+        has_answer = bool(gen.sequences[b]) and bool(gen.sequences[b][0])
+        posterior = gen.doc_logposterior[b, 0].exp().tolist() if has_answer else prior  # (K,)
+        passages = [
+            Evidence(
+                rank=z + 1,
+                id=retrieved.ids[b][z],
+                title=retrieved.titles[b][z],
+                text=retrieved.texts[b][z],
+                score=float(retrieved.scores[b, z]),
+                prior=prior[z],
+                posterior=posterior[z],
+            )
+            for z in range(len(prior))
+        ]
+        log_prob = float(gen.scores[b, 0]) if has_answer else None
+        return Answer(
+            question=question,
+            answer=result.answers[b],
+            kind=self.model.kind,
+            k=len(prior),
+            decoding=decoding_name(self.model.kind, self.config),
+            log_prob=log_prob if log_prob is not None and math.isfinite(log_prob) else None,
+            token_ids=list(gen.sequences[b][0]) if has_answer else [],
+            seconds=seconds,
+            passages=passages,
+            tokens=self._token_evidence(gen, b) if has_answer else [],
+        )
+
+    def _token_evidence(self, gen, b: int) -> list[TokenEvidence]:
+        if gen.token_doc_logposterior is None:
+            return []
+        ids = gen.sequences[b][0]
+        per_token = gen.token_doc_logposterior[b, 0, : len(ids)].exp().tolist()  # (T, K)
+        return [
+            TokenEvidence(self.token_text(token), [round(p, 6) for p in row])
+            for token, row in zip(ids, per_token, strict=True)
+        ]
+
+    def token_text(self, token: int) -> str:
+        return self.model.generator.tokenizer.decode([token])
+
+
+def _checked(questions: list[str]) -> list[str]:
+    if isinstance(questions, str) or not questions:
+        raise ValueError("ask_many takes a non-empty list of questions")
+    stripped = [q.strip() for q in questions]
+    if not all(stripped):
+        raise ValueError("rag ask: the question is empty")
+    return stripped
+
+
+def rag_model_config(
+    kind: str | None = None,
+    k: int | None = None,
+    index_dir: str = "",
+    generator: str = "",
+    dtype: str = "auto",
+    prompt: str = "short-answer",
+    checkpoint: str = "",
+    device: str = "cpu",
+) -> RagConfig:
+    """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
+    checkpoint's model (its q(x), generator, knowledge base, kind and k), which the other flags adjust."""
+    if checkpoint:
+        from rag.train_checkpoint import checkpoint_rag_config
+
+        base = checkpoint_rag_config(checkpoint)
+        generator_config = replace(base.generator, dtype=generator_dtype(dtype, device))
+    else:
+        base = RagConfig()
+        generator_config = GeneratorConfig(dtype=generator_dtype(dtype, device), prompt=prompt)  # type: ignore[arg-type]
+    if generator:
+        generator_config = replace(generator_config, path=generator)
+    return replace(base, kind=kind or base.kind, k=k or base.k, index_dir=index_dir or base.index_dir,
+                   generator=generator_config)  # type: ignore[arg-type]  # fmt: skip
+
