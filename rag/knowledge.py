@@ -279,6 +279,17 @@ def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta:
     return out_dir
 
 
+def save_knowledge_base(index: DenseIndex, passages: PassageStore, encoder: EncoderConfig, out_dir: Path | str,
+                        fingerprint: str) -> Path:  # fmt: skip
+    """A knowledge base folder holding `passages` and the index's stored d(z) as they are now (e.g. a
+    trained d(z)'s, rag.passage_training), with `encoder` recorded as its passage encoder."""
+    rows = np.arange(len(passages))
+    vectors = index.embeddings(rows).astype(np.float32)  # (N, D)
+    meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "index": to_dict(index.config),
+            "encoder": to_dict(encoder)}  # fmt: skip
+    return write_knowledge_base(list(passages.get(rows)), vectors, meta, out_dir)
+
+
 def encoder_config(meta: dict[str, Any]) -> EncoderConfig:
     """The passage encoder's config recorded in a knowledge base's meta.json."""
     return from_dict(EncoderConfig, meta["encoder"])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from rag import marginalize
-from rag.config import DecodingConfig, RagConfig
+from rag.config import DecodingConfig, RagConfig, checkpoint_rag_config
 from rag.generators import Generator, TargetBatch, load_generator
 
 if TYPE_CHECKING:  # the encoder/retriever modules import torch models only when used
@@ -88,10 +88,9 @@ class RagModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> RagModel:
-        """A model trained by `rag train`: its RUN/checkpoint folder (rag.train_checkpoint's format)."""
-        from rag.train_checkpoint import load_rag_model
-
-        return load_rag_model(path, device)
+        """A model trained by `rag train`: its RUN/checkpoint folder (q(x), generator, knowledge base,
+        kind and k, as its config.json records them; rag.train_checkpoint writes the folder)."""
+        return cls.from_config(checkpoint_rag_config(path), device)
 
     def encode_questions(self, questions: list[str]) -> Tensor:
         """q(x) with gradient: (B, D)."""
@@ -103,10 +102,10 @@ class RagModel(nn.Module):
         query = self.encode_questions(questions)  # (B, D), in the graph
         retrieved = self.retriever.retrieve_vectors(query.detach(), self.k)
         embeddings = retrieved.embeddings  # (B, K, D): the index's stored d(z), constants
-        if self.passage_encoder is not None:
-            from rag.passage_training import encode_retrieved
+        if self.passage_encoder is not None:  # d(z) is trained too (rag.passage_training)
+            from rag.encoders import encode_passages
 
-            embeddings = encode_retrieved(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
+            embeddings = encode_passages(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
         scores = doc_scores(query, embeddings)  # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
         passages = [
             list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)

@@ -5,27 +5,25 @@ Later end-to-end retriever work trains d(z) as well; the index then goes stale a
 is rebuilt from the current d(z) every N steps. Here:
 - retrieval between re-indexings uses the stale index (top-k search is without gradients anyway);
 - the k retrieved passages are re-encoded by the trainable d(z) in the graph, so p(z|x) ∝
-  exp(q(x)·d(z)) sends gradients to both encoders (RagModel.forward with a passage_encoder);
+  exp(q(x)·d(z)) sends gradients to both encoders (RagModel.forward with a passage_encoder,
+  rag.encoders.encode_passages);
 - `reindex` re-encodes every passage with the current d(z) and swaps a new index in;
-- a checkpoint holds d(z) and the knowledge base as it was at that step (exact resume), and the
-  trained model's knowledge base is what `RagModel.from_checkpoint` opens.
+- a checkpoint holds d(z) and the knowledge base as it was at that step (exact resume,
+  rag.train_checkpoint), and the trained model's knowledge base is what its checkpoint opens.
 Re-encoding costs what `rag index build` costs (12,324 passages: about 3 min on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from rag.config import EncoderConfig, to_dict
 from rag.encoders import Encoder, load_encoder, passage_text
 from rag.index import DenseIndex
-from rag.knowledge import FORMAT, VERSION, default_knowledge_base, encoder_config, open_knowledge_base
-from rag.knowledge import write_knowledge_base as write_folder
+from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
 from rag.retriever import Retriever
 
 if TYPE_CHECKING:
@@ -38,15 +36,6 @@ def attach_passage_encoder(model: RagModel, index_dir: str, device: str | torch.
     config = dataclasses.replace(encoder_config(meta), dtype="float32")
     model.passage_encoder = load_encoder(config, device)
     return model.passage_encoder
-
-
-def encode_retrieved(encoder: Encoder, titles: list[list[str]], texts: list[list[str]]) -> torch.Tensor:
-    """d(z) of the retrieved passages, in the graph: (B, K) titles and texts -> (B, K, D)."""
-    flat = [passage_text(t, x) for row_t, row_x in zip(titles, texts, strict=True)
-            for t, x in zip(row_t, row_x, strict=True)]  # fmt: skip
-    batch = {name: t.to(encoder.device) for name, t in encoder.tokenize(flat).items()}
-    vectors = encoder(batch["input_ids"], batch["attention_mask"])  # (B*K, D)
-    return vectors.view(len(titles), len(titles[0]), -1)  # (B, K, D)
 
 
 @torch.no_grad()
@@ -63,29 +52,3 @@ def reindex(model: RagModel, batch_size: int = 64, progress: bool = False) -> No
     vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)  # (N, D)
     encoder.train(was_training)
     model.retriever = Retriever(DenseIndex.build(vectors, old.index.config), old.passages, model.query_encoder)
-
-
-def saved_encoder_config(encoder: Encoder, base: EncoderConfig, path: str) -> EncoderConfig:
-    """The config that reloads `encoder` from a transformers folder written by save_pretrained."""
-    return dataclasses.replace(base, path=path, kind="transformers", pooling=encoder.pooling,
-                               normalize=encoder.normalize, max_length=encoder.max_length, scale=encoder.scale)  # fmt: skip
-
-
-def save_knowledge_base(model: RagModel, out_dir: Path, encoder_path: Path) -> Path:
-    """The model's current knowledge base (passages, the index's stored d(z)) as a folder; meta.json
-    names `encoder_path` (where the trained d(z) is saved) as its passage encoder."""
-    retriever = model.retriever
-    rows = np.arange(len(retriever.passages))
-    passages = list(retriever.passages.get(rows))
-    vectors = retriever.index.embeddings(rows).astype(np.float32)  # (N, D)
-    assert model.passage_encoder is not None
-    encoder = saved_encoder_config(model.passage_encoder, EncoderConfig(), str(encoder_path))
-    meta = {"format": FORMAT, "version": VERSION, "fingerprint": f"trained-d(z)-{encoder_path}",
-            "index": to_dict(retriever.index.config), "encoder": to_dict(encoder)}
-    return write_folder(passages, vectors, meta, out_dir)
-
-
-def load_knowledge_base(model: RagModel, kb_dir: Path) -> None:
-    """Put a saved knowledge base (save_knowledge_base) back under the model, as it was."""
-    kb = open_knowledge_base(kb_dir)
-    model.retriever = Retriever(kb.index, kb.passages, model.query_encoder)

@@ -232,7 +232,6 @@ def build_world(task: SyntheticTask, out_dir: Path, config: SyntheticConfig, rea
         k=k,
         query_encoder=EncoderConfig(path=str(dirs["query_encoder"]), kind="transformers", pooling="mean",
                                     normalize=False),  # fmt: skip
-        passage_encoder=passage_encoder,
         generator=GeneratorConfig(path=str(dirs["generator"]), family="seq2seq", max_input_tokens=32),
         index_dir=str(out_dir / "kb"),
     )

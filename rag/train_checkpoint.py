@@ -18,25 +18,38 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rag.config import RagConfig, from_dict, to_dict
-from rag.io import atomic_dir, read_format_json
-from rag.passage_training import load_knowledge_base, save_knowledge_base, saved_encoder_config
+from rag.config import (
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KNOWLEDGE_DIR,
+    EncoderConfig,
+    RagConfig,
+    TrainConfig,
+    checkpoint_rag_config,
+    is_training_checkpoint,
+    read_checkpoint_config,
+    to_dict,
+)
+from rag.encoders import saved_encoder_config
+from rag.io import atomic_dir
+from rag.knowledge import open_knowledge_base, save_knowledge_base
+from rag.model import RagModel
+from rag.retriever import Retriever
 
-if TYPE_CHECKING:
-    from rag.model import RagModel
-    from rag.training import TrainConfig
+__all__ = ["checkpoint_rag_config", "is_training_checkpoint", "load_rag_model", "load_trainer_state",
+           "read_checkpoint_config", "save_checkpoint"]  # fmt: skip
 
-FORMAT = "rag-train-checkpoint"
-CONFIG_FILE = "config.json"
+FORMAT = CHECKPOINT_FORMAT
+CONFIG_FILE = CHECKPOINT_CONFIG_FILE
 STATE_FILE = "trainer_state.pt"
 PASSAGE_ENCODER_DIR = "passage_encoder"
-KNOWLEDGE_DIR = "knowledge_base"
+KNOWLEDGE_DIR = CHECKPOINT_KNOWLEDGE_DIR
 
 
 def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
@@ -64,7 +77,10 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
         if model.passage_encoder is not None:
             model.passage_encoder.model.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
             model.passage_encoder.tokenizer.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
-            save_knowledge_base(model, tmp / KNOWLEDGE_DIR, path.resolve() / PASSAGE_ENCODER_DIR)
+            encoder_path = path.resolve() / PASSAGE_ENCODER_DIR  # where d(z) is once the folder is in place
+            encoder = saved_encoder_config(model.passage_encoder, EncoderConfig(), str(encoder_path))
+            save_knowledge_base(model.retriever.index, model.retriever.passages, encoder, tmp / KNOWLEDGE_DIR,
+                                fingerprint=f"trained-d(z)-{encoder_path}")  # fmt: skip
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -79,37 +95,9 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
     return path
 
 
-def is_training_checkpoint(path: Path | str) -> bool:
-    """Whether `path` is a checkpoint folder written by save_checkpoint (not, e.g., a released RAG one)."""
-    config = Path(path) / CONFIG_FILE
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
-    return read_format_json(path, CONFIG_FILE, FORMAT, "training checkpoint")
-
-
-def checkpoint_rag_config(path: Path | str) -> RagConfig:
-    """The checkpoint's RagConfig with its model paths made absolute."""
-    path = Path(path).resolve()
-    rag = from_dict(RagConfig, read_checkpoint_config(path)["rag"])
-    if rag.index_dir == KNOWLEDGE_DIR:
-        rag = dataclasses.replace(rag, index_dir=str(path / KNOWLEDGE_DIR))
-    return dataclasses.replace(
-        rag,
-        query_encoder=dataclasses.replace(rag.query_encoder, path=str(path / rag.query_encoder.path)),
-        generator=dataclasses.replace(rag.generator, path=str(path / rag.generator.path)),
-    )
-
-
 def load_rag_model(path: Path | str, device: str | torch.device = "cpu") -> RagModel:
     """A trained RagModel from its checkpoint folder: q(x), generator, knowledge base, kind and k."""
-    from rag.model import RagModel
-
-    return RagModel.from_config(checkpoint_rag_config(path), device)
+    return RagModel.from_checkpoint(path, device)
 
 
 def _load_weights(module: nn.Module, file: Path) -> None:
@@ -132,7 +120,8 @@ def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim
     _load_weights(model.generator.model, path / "generator" / "model.safetensors")
     if model.passage_encoder is not None:
         _load_weights(model.passage_encoder.model, path / PASSAGE_ENCODER_DIR / "model.safetensors")
-        load_knowledge_base(model, path / KNOWLEDGE_DIR)
+        kb = open_knowledge_base(path / KNOWLEDGE_DIR)  # the index as it was at this step
+        model.retriever = Retriever(kb.index, kb.passages, model.query_encoder)
     state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -5,7 +5,7 @@ optional extension in rag.passage_training); RagModel.forward recomputes the k r
 scores q(x).d(z) in the graph, so the marginal likelihood's gradient reaches q(x) through p(z|x).
 One loop, top to bottom: data order from the seed, AdamW, warm-up then linear or cosine decay,
 gradient accumulation and clipping, optional bfloat16 autocast, a JSON Lines log, dev evaluation
-and atomic checkpoints (rag.checkpointing) from which `resume` continues exactly.
+and atomic checkpoints (rag.train_checkpoint) from which `resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -14,56 +14,23 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from rag.config import DecodingConfig, RagConfig
+from rag.config import DecodingConfig, TrainConfig
 from rag.io import atomic_path
-from rag.metrics import exact_match, has_answer
+from rag.metrics import exact_match, has_answer, regex_match
 from rag.model import RagModel
+from rag.passage_training import attach_passage_encoder, reindex
+from rag.tasks import Example, read_task
+from rag.train_checkpoint import load_trainer_state, save_checkpoint
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    rag: RagConfig = field(default_factory=RagConfig)  # what to load (RagModel.from_config) and kind, k
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 3e-5  # the query encoder's (and, unless generator_lr is set, the generator's)
-    generator_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay to 0 after warm-up
-    max_grad_norm: float = 1.0  # 0: no clipping
-    label_smoothing: float = 0.0
-    bf16: bool = False  # bfloat16 autocast of the forward pass
-    seed: int = 0
-    freeze_query_encoder: bool = False  # the paper's frozen-retriever ablation
-    freeze_generator: bool = False
-    # Optional, off by default (rag.passage_training): train d(z) as well, re-indexing every N steps
-    # (0: only at the end, so that the saved index always matches the saved d(z)).
-    train_passage_encoder: bool = False
-    passage_lr: float | None = None  # default: lr
-    reindex_every: int = 0
-    eval_every: int = 0  # steps between dev evaluations; 0: only at the end
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    eval_max_new_tokens: int = 16
-    eval_batch_size: int = 16
-
-
-@dataclass(frozen=True)
-class Example:
-    input: str
-    target: str
-    answers: tuple[str, ...] = ()  # QA: every accepted answer (the target is one of them); () = (target,)
-
-    def __post_init__(self) -> None:
-        if not self.answers:
-            object.__setattr__(self, "answers", (self.target,))
+__all__ = ["DevScores", "Example", "TrainConfig", "TrainResult", "batch_order", "check_trainable", "doc_entropy",
+           "evaluate_dev", "lr_factor", "make_optimizer", "read_examples", "train", "train_step"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,36 +49,23 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def read_examples(path: Path | str) -> list[Example]:
-    """JSON Lines with `input` and `target`, or `question` and `answers` (target = the first answer)."""
-    path = Path(path)
-    out: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {line_no}: not valid JSON ({error.msg})") from None
-            out.append(_example(record, path, line_no))
-    if not out:
+def read_examples(path: Path | str, fmt: str = "open-qa", **options: Any) -> list[Example]:
+    """The examples of a task file that training can learn from: any format `rag eval` reads
+    (rag.tasks.read_task; "open-qa" takes JSON Lines `{input, target}` or `{question, answer(s)}`, or a
+    DPR `question<TAB>answers` file). Every example needs a target string."""
+    examples = read_task(fmt, path, **options)
+    if not examples:
         raise ValueError(f"{path}: no examples")
-    return out
+    check_trainable(examples, str(path))
+    return examples
 
 
-def _example(record: Any, path: Path, line_no: int) -> Example:
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: line {line_no}: expected a JSON object")
-    answers = record.get("answers", [])
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{path}: line {line_no}: field 'answers': expected a list of strings")
-    source = record.get("input", record.get("question"))
-    target = record.get("target", answers[0] if answers else None)
-    for name, value in (("input", source), ("target", target)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}: line {line_no}: field {name!r}: missing or not a non-empty string")
-    return Example(source, target, tuple(answers) or (target,))
+def check_trainable(examples: Sequence[Example], source: str = "training data") -> None:
+    """A clear error, before any work, for an example without a target string (regex answers)."""
+    for example in examples:
+        if not example.targets or not all(isinstance(t, str) and t.strip() for t in example.targets):
+            raise ValueError(f"{source}: example {example.id!r} (record {example.position + 1}): field 'target': "
+                             "no target string to train on (regex answers cannot be generated)")  # fmt: skip
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -201,8 +155,9 @@ def evaluate_dev(model: RagModel, examples: Sequence[Example], config: TrainConf
         batch = examples[i : i + config.eval_batch_size]
         answer = model.generate([e.input for e in batch], decoding)
         for j, example in enumerate(batch):
-            em += exact_match(answer.answers[j], example.answers)
-            hits = [has_answer(example.answers, text) for text in answer.retrieved.texts[j]]
+            regex = example.answer_is_regex
+            em += regex_match(answer.answers[j], example.answers) if regex else exact_match(answer.answers[j], example.answers)
+            hits = [has_answer(example.answers, text, regex_answers=regex) for text in answer.retrieved.texts[j]]
             r1 += hits[0]
             rk += any(hits)
     n = len(examples)
@@ -218,15 +173,12 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
     resume: continue from out_dir/checkpoint (weights, optimiser, schedule, RNG, data position).
     stop_after: stop after this many steps of *this call* (what an interruption does; for tests).
     """
-    from rag.train_checkpoint import load_trainer_state, save_checkpoint
-
+    check_trainable(train_data)
     if len(train_data) < config.batch_size:
         raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size}")
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
     if config.train_passage_encoder and model.passage_encoder is None:
-        from rag.passage_training import attach_passage_encoder
-
         attach_passage_encoder(model, config.rag.index_dir, model.generator.device)
     optimizer, scheduler = make_optimizer(model, config)
     step = 0
@@ -266,8 +218,6 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
 
 
 def _reindex(model: RagModel, record: dict[str, float]) -> None:
-    from rag.passage_training import reindex
-
     start = time.perf_counter()
     reindex(model)
     record["reindex_s"] = time.perf_counter() - start

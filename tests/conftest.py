@@ -5,7 +5,7 @@ import torch
 
 from rag.resources import shared_data_dir
 from rag.synthetic import SyntheticConfig, build_world, make_task
-from rag.training import Example
+from rag.tasks import Example
 
 SYNTH = SyntheticConfig(seed=0)
 
@@ -26,6 +26,6 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
     task = make_task(SYNTH)
     rag, reader_accuracy = build_world(task, tmp_path_factory.mktemp("world"), SYNTH, reader_steps=400, k=8)
-    train_set = [Example(p.question, p.answer, (p.answer,)) for p in task.train]
-    test_set = [Example(p.question, p.answer, (p.answer,)) for p in task.test]
+    train_set = [Example.pair(p.question, p.answer, (p.answer,)) for p in task.train]
+    test_set = [Example.pair(p.question, p.answer, (p.answer,)) for p in task.test]
     return task, rag, reader_accuracy, train_set, test_set

@@ -84,7 +84,7 @@ def test_checkpoint_holds_d_z_and_its_index_and_resume_is_exact(tmp_path):
     synth = SyntheticConfig(seed=1, dropout=0.1)
     task = make_task(synth)
     rag, _ = build_world(task, tmp_path / "world", synth, reader_steps=0, k=4)
-    data = [Example(p.question, p.answer) for p in task.train]
+    data = [Example.pair(p.question, p.answer) for p in task.train]
     config = _config(rag, steps=6, batch_size=8, reindex_every=2, save_every=1)
     whole = train(RagModel.from_config(rag), data, config, out_dir=tmp_path / "whole")
     first = train(RagModel.from_config(rag), data, config, out_dir=tmp_path / "cut", stop_after=3)

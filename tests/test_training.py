@@ -97,7 +97,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     synth = SyntheticConfig(seed=1, dropout=0.1)
     task = make_task(synth)
     rag, _ = build_world(task, tmp_path / "world", synth, reader_steps=0, k=4)
-    data = [Example(p.question, p.answer) for p in task.train]
+    data = [Example.pair(p.question, p.answer) for p in task.train]
     config = dataclasses.replace(_config(rag, steps=6, batch_size=8, warmup_steps=2, schedule="linear"),
                                  save_every=2)  # fmt: skip
     whole = train(RagModel.from_config(rag), data, config, out_dir=tmp_path / "whole")
@@ -171,14 +171,15 @@ def test_doc_entropy_by_hand():
 def test_read_examples_and_bad_input(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"input": "q1", "target": "a"}\n\n{"question": "q2", "answers": ["b", "c"]}\n')
-    assert read_examples(good) == [Example("q1", "a", ("a",)), Example("q2", "b", ("b", "c"))]
-    assert Example("q", "a").answers == ("a",)  # exact match and recall need the target as an answer
+    assert [(e.input, e.target, e.answers) for e in read_examples(good)] == [("q1", "a", ("a",)),
+                                                                             ("q2", "b", ("b", "c"))]  # fmt: skip
+    assert Example.pair("q", "a").answers == ("a",)  # exact match and recall need the target as an answer
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "q1", "target": "a"}\n{"input": "q2"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2: field 'target'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2, field 'answer': missing"):
         read_examples(bad)
     bad.write_text('{"input": "q1", "target": "a"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2, field 'json': malformed JSON"):
         read_examples(bad)
 
 

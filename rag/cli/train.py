@@ -21,8 +21,13 @@ from rag.config import DEFAULT_QUERY_SCALE, PROMPT_STYLES, EncoderConfig, Genera
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="fine-tune the query encoder and generator (RAG-Token/Sequence)")
-    p.add_argument("--train", dest="train_file", help="JSON Lines: input+target, or question+answers")
-    p.add_argument("--dev", dest="dev_file", help="JSON Lines dev set: exact match and recall@k per evaluation")
+    p.add_argument("--train", dest="train_file",
+                   help="training examples in any format `rag eval` reads (--task; default open-qa: JSON Lines "
+                        "input+target or question+answer(s), or a DPR question<TAB>answers file)")
+    p.add_argument("--dev", dest="dev_file", help="dev set (same --task): exact match and recall@k per evaluation")
+    p.add_argument("--task", default="open-qa",
+                   help="task format of --train and --dev: a rag.tasks reader (open-qa, nq-open, dpr-qa, kilt, ...)")
+    p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
     p.add_argument("--index", default="", help="knowledge base folder (default: the packaged Wikipedia one)")
     p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
@@ -82,12 +87,14 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
 
 def run(args: argparse.Namespace) -> int:
     from rag.model import RagModel
+    from rag.tasks import read_task
     from rag.training import TrainConfig, read_examples, train
 
     if not args.train_file or not args.out:
         raise ValueError("rag train needs --train FILE and --out FOLDER (or: rag train plot LOG --out PNG)")
-    train_data = read_examples(args.train_file)
-    dev_data = read_examples(args.dev_file) if args.dev_file else []
+    options = {"subsets": args.subset} if args.subset else {}
+    train_data = read_examples(args.train_file, args.task, **options)
+    dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
     config = TrainConfig(
         rag=rag_config(args), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, generator_lr=args.generator_lr, weight_decay=args.weight_decay,

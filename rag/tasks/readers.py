@@ -1,10 +1,10 @@
-"""The per-format readers behind `rag.tasks.read_task`, each yielding typed `Example`s.
+"""One reader per published task format, each yielding typed `Example`s; `read_task` picks one by name.
 
 One reader per published format: open-domain QA (DPR's `question<TAB>[answers]`, NQ-open JSON Lines,
 CuratedTrec's regular expressions), abstractive QA (MS MARCO), Jeopardy question generation, FEVER
 (3-way and 2-way through one-token targets), KILT JSON Lines, SQuAD-open, NQ gold passages and the
 Red-Trivia YAML lists. The record sources, field helpers and error handling they share live in
-`rag.tasks`, which re-exports every name here; import them from `rag.tasks`.
+`rag.tasks.records`; `rag.tasks` re-exports every public name.
 """
 
 from __future__ import annotations
@@ -12,32 +12,29 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rag.tasks import (
-    FEVER_3WAY,
-    FEVER_ALL_LABELS,
-    Example,
-    LabelSet,
-    Provenance,
+from rag.tasks.examples import FEVER_3WAY, FEVER_ALL_LABELS, Example, LabelSet, Provenance
+from rag.tasks.records import (
+    BadField,
     SkipReport,
     TaskFormatError,
-    _Bad,
-    _csv_rows,
-    _fever_evidence,
-    _first_key,
-    _json_object,
-    _kilt_provenance,
-    _lines,
-    _open_text,
-    _qa,
-    _record_id,
-    _stream,
-    _text,
-    _texts,
+    csv_rows,
+    fever_evidence,
+    first_key,
+    json_object,
+    kilt_provenance,
+    lines,
+    open_text,
+    qa_example,
+    record_id,
+    stream,
+    string_field,
+    string_list,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,32 +58,40 @@ def read_dpr_qa(
 
     def parse(position: int, row: list[str]) -> Example:
         if len(row) != 2:
-            raise _Bad("row", f"expected 2 tab-separated fields (question, answers), got {len(row)}")
+            raise BadField("row", f"expected 2 tab-separated fields (question, answers), got {len(row)}")
         question = _unquote_twice(row[0]).strip()
         if not question:
-            raise _Bad("question", "empty")
+            raise BadField("question", "empty")
         try:
             answers = ast.literal_eval(row[1])
         except (ValueError, SyntaxError) as err:
-            raise _Bad("answers", f"not a Python list literal: {err}") from None
-        return _qa(position, str(position), question, _texts(answers, "answers"), regex)
+            raise BadField("answers", f"not a Python list literal: {err}") from None
+        return qa_example(position, str(position), question, string_list(answers, "answers"), regex)
 
-    return _stream(path, _csv_rows(path, "\t"), parse, skip_bad, report)
+    return stream(path, csv_rows(path, "\t"), parse, skip_bad, report)
 
 
 def read_qa_jsonl(
     path: Path | str, *, regex: bool = False, skip_bad: bool = False, report: SkipReport | None = None
 ) -> Iterator[Example]:
-    """NQ-open style JSON Lines `{"question", "answer": [...]}` ("answers" also accepted)."""
+    """Question-answer JSON Lines: NQ-open's `{"question", "answer": [...]}` ("answers" also accepted),
+    or training pairs `{"input", "target"}` ("input" stands for "question"; a "target" string is what
+    training teaches, the answers list, if any, what the metrics accept)."""
     path = Path(path)
 
     def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        key = _first_key(obj, ("answer", "answers"))
-        answers = _texts(obj[key], key)
-        return _qa(position, _record_id(obj, position), _text(obj, "question"), answers, regex)
+        obj = json_object(raw)
+        question = string_field(obj, first_key(obj, ("question", "input")))
+        target = string_field(obj, "target") if "target" in obj else None
+        if target is None or "answer" in obj or "answers" in obj:
+            key = first_key(obj, ("answer", "answers") if target is not None else ("answer", "answers", "target"))
+            answers = string_list(obj[key], key)
+        else:
+            answers = (target,)
+        example = qa_example(position, record_id(obj, position), question, answers, regex)
+        return example if target is None or regex else replace(example, targets=(target,))
 
-    return _stream(path, _lines(path), parse, skip_bad, report)
+    return stream(path, lines(path), parse, skip_bad, report)
 
 
 def read_open_qa(
@@ -94,7 +99,7 @@ def read_open_qa(
 ) -> Iterator[Example]:
     """Either open-QA format, told apart by the file's first character (`{`: JSON Lines)."""
     path = Path(path)
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         head = handle.read(4096).lstrip()
     reader = read_qa_jsonl if head.startswith("{") else read_dpr_qa
     return reader(path, regex=regex, skip_bad=skip_bad, report=report)
@@ -108,22 +113,22 @@ def read_curatedtrec(
 
     def parse(position: int, row: list[str]) -> Example:
         if len(row) != 4:
-            raise _Bad(
+            raise BadField(
                 "row", f"expected 4 tab-separated fields (id, type, question, pattern), got {len(row)}"
             )
         ident, _, question, pattern = (cell.strip() for cell in row)
         if not question:
-            raise _Bad("question", "empty")
+            raise BadField("question", "empty")
         if not pattern:
-            raise _Bad("answer", "empty pattern")
-        return _qa(position, ident or str(position), question, (pattern,), regex=True)
+            raise BadField("answer", "empty pattern")
+        return qa_example(position, ident or str(position), question, (pattern,), regex=True)
 
     # split on tabs, not csv: the questions and patterns contain bare double quotes
     def rows() -> Iterator[tuple[int, int, list[str]]]:
-        for position, line, raw in _lines(path):
+        for position, line, raw in lines(path):
             yield position, line, raw.rstrip("\r\n").split("\t")
 
-    return _stream(path, rows(), parse, skip_bad, report)
+    return stream(path, rows(), parse, skip_bad, report)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,28 +148,28 @@ def read_msmarco(
     path = Path(path)
 
     def parse(position: int, raw: str | dict[str, Any]) -> Example | None:
-        obj = raw if isinstance(raw, dict) else _json_object(raw)
-        key = _first_key(obj, ("answers",))
-        answers = _texts(obj[key], key)
+        obj = raw if isinstance(raw, dict) else json_object(raw)
+        key = first_key(obj, ("answers",))
+        answers = string_list(obj[key], key)
         if skip_no_answer and all(a.strip() == "No Answer Present." for a in answers):
             return None
-        return _qa(position, _record_id(obj, position), _text(obj, "query"), answers, regex=False)
+        return qa_example(position, record_id(obj, position), string_field(obj, "query"), answers, regex=False)
 
     def rows() -> Iterator[tuple[int, int | None, str | dict[str, Any]]]:
-        with _open_text(path) as handle:
+        with open_text(path) as handle:
             head = handle.readline()
         try:
             table = json.loads(head)
         except json.JSONDecodeError:
             table = None
         if not (isinstance(table, dict) and isinstance(table.get("query"), dict)):
-            yield from _lines(path)
+            yield from lines(path)
             return
         columns = {k: v for k, v in table.items() if isinstance(v, dict)}
         for position, row in enumerate(columns["query"]):
             yield position, None, {k: v.get(row) for k, v in columns.items()}
 
-    return _stream(path, rows(), parse, skip_bad, report)
+    return stream(path, rows(), parse, skip_bad, report)
 
 
 def read_jeopardy(
@@ -177,17 +182,17 @@ def read_jeopardy(
 
     def parse(position: int, row: list[str]) -> Example:
         if len(row) != len(header):
-            raise _Bad("row", f"expected {len(header)} comma-separated fields, got {len(row)}")
+            raise BadField("row", f"expected {len(header)} comma-separated fields, got {len(row)}")
         record = dict(zip(header, row, strict=True))
         answer, clue = record["Answer"].strip(), record["Question"].strip()
         if not answer:
-            raise _Bad("Answer", "empty")
+            raise BadField("Answer", "empty")
         if not clue:
-            raise _Bad("Question", "empty")
+            raise BadField("Question", "empty")
         return Example(id=str(position), input=answer, targets=(clue,), answers=(clue,), position=position)
 
     def rows() -> Iterator[tuple[int, int, list[str]]]:
-        records = _csv_rows(path, ",")
+        records = csv_rows(path, ",")
         first = next(records, None)
         if first is None:
             raise TaskFormatError(path, 1, "header", "empty file")
@@ -198,7 +203,7 @@ def read_jeopardy(
         for position, line, row in records:
             yield position - 1, line, row
 
-    return _stream(path, rows(), parse, skip_bad, report)
+    return stream(path, rows(), parse, skip_bad, report)
 
 
 def read_fever(
@@ -213,17 +218,17 @@ def read_fever(
     path = Path(path)
 
     def parse(position: int, raw: str) -> Example | None:
-        obj = _json_object(raw)
-        label = _text(obj, "label")
+        obj = json_object(raw)
+        label = string_field(obj, "label")
         if label not in FEVER_ALL_LABELS:
-            raise _Bad("label", f"{label!r} is not one of {list(FEVER_ALL_LABELS)}")
+            raise BadField("label", f"{label!r} is not one of {list(FEVER_ALL_LABELS)}")
         if label not in labels.labels:
             return None
         target = labels.target(label)
-        provenance = _fever_evidence(obj["evidence"]) if "evidence" in obj else None
+        provenance = fever_evidence(obj["evidence"]) if "evidence" in obj else None
         return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "claim"),
+            id=record_id(obj, position),
+            input=string_field(obj, "claim"),
             targets=(target,),
             answers=(target,),
             position=position,
@@ -231,7 +236,7 @@ def read_fever(
             provenance=provenance,
         )
 
-    return _stream(path, _lines(path), parse, skip_bad, report)
+    return stream(path, lines(path), parse, skip_bad, report)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,30 +251,30 @@ def read_kilt(
     path = Path(path)
 
     def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
+        obj = json_object(raw)
         outputs = obj.get("output")
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise _Bad("output", f"expected a list of objects, got {outputs!r:.80}")
+            raise BadField("output", f"expected a list of objects, got {outputs!r:.80}")
         answers: list[str] = []
         sets: list[tuple[Provenance, ...]] = []
         for output in outputs:
             if "answer" in output:
                 if not isinstance(output["answer"], str):
-                    raise _Bad("output.answer", f"expected a string, got {output['answer']!r:.80}")
+                    raise BadField("output.answer", f"expected a string, got {output['answer']!r:.80}")
                 answers.append(output["answer"])
             if output.get("provenance"):
-                sets.append(_kilt_provenance(output["provenance"]))
+                sets.append(kilt_provenance(output["provenance"]))
         unique = tuple(dict.fromkeys(answers))
         return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "input"),
+            id=record_id(obj, position),
+            input=string_field(obj, "input"),
             targets=unique,
             answers=unique,
             position=position,
             provenance=tuple(dict.fromkeys(sets)) or None,
         )
 
-    return _stream(path, _lines(path), parse, skip_bad, report)
+    return stream(path, lines(path), parse, skip_bad, report)
 
 
 def read_squad_open(
@@ -280,21 +285,21 @@ def read_squad_open(
     path = path / "questions.jsonl" if path.is_dir() else path
 
     def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        answers = _texts(obj.get("answers"), "answers")
+        obj = json_object(raw)
+        answers = string_list(obj.get("answers"), "answers")
         pid = obj.get("pid")
         if not isinstance(pid, int | str):
-            raise _Bad("pid", f"expected a paragraph id, got {pid!r:.80}")
+            raise BadField("pid", f"expected a paragraph id, got {pid!r:.80}")
         return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "question"),
+            id=record_id(obj, position),
+            input=string_field(obj, "question"),
             targets=answers,
             answers=answers,
             position=position,
             provenance=((Provenance(passage_id=str(pid)),),),
         )
 
-    return _stream(path, _lines(path), parse, skip_bad, report)
+    return stream(path, lines(path), parse, skip_bad, report)
 
 
 def read_nq_gold(
@@ -305,22 +310,22 @@ def read_nq_gold(
     path = Path(path)
 
     def parse(position: int, raw: str) -> Example:
-        obj = _json_object(raw)
-        answers = _texts(obj.get("answers"), "answers")
+        obj = json_object(raw)
+        answers = string_list(obj.get("answers"), "answers")
         ctxs = obj.get("ctxs")
         if not isinstance(ctxs, list) or not all(isinstance(c, dict) and "title" in c for c in ctxs):
-            raise _Bad("ctxs", f"expected a list of objects with a title, got {ctxs!r:.80}")
+            raise BadField("ctxs", f"expected a list of objects with a title, got {ctxs!r:.80}")
         gold = tuple(dict.fromkeys(Provenance(title=str(c["title"])) for c in ctxs if c.get("isgold")))
         return Example(
-            id=_record_id(obj, position),
-            input=_text(obj, "question"),
+            id=record_id(obj, position),
+            input=string_field(obj, "question"),
             targets=answers,
             answers=answers,
             position=position,
             provenance=(gold,) if gold else None,
         )
 
-    return _stream(path, _lines(path), parse, skip_bad, report)
+    return stream(path, lines(path), parse, skip_bad, report)
 
 
 def _red_trivia_file(path: Path) -> Iterator[tuple[int, int, tuple[str, Any]]]:
@@ -366,11 +371,11 @@ def read_red_trivia(
         def parse(position: int, item: tuple[str, Any], subset: str = file.stem) -> Example | None:
             question, node = item
             if not question.strip():
-                raise _Bad("question", "empty")
+                raise BadField("question", "empty")
             if not isinstance(node, yaml.SequenceNode) or not node.value:
-                raise _Bad(question, "expected a non-empty list of answers")
+                raise BadField(question, "expected a non-empty list of answers")
             if not all(isinstance(a, yaml.ScalarNode) for a in node.value):
-                raise _Bad(question, "expected each answer to be a scalar")
+                raise BadField(question, "expected each answer to be a scalar")
             # empty aliases ("") occur in the published lists: they name no answer, so they are dropped,
             # and a question left without answers is filtered out (counted in the report)
             answers = tuple(a.value.strip() for a in node.value if a.value.strip())
@@ -380,7 +385,7 @@ def read_red_trivia(
                 f"{subset}-{position}", question.strip(), answers, answers, position, subset=subset
             )
 
-        yield from _stream(file, _red_trivia_file(file), parse, skip_bad, report)
+        yield from stream(file, _red_trivia_file(file), parse, skip_bad, report)
 
 
 READERS: dict[str, Callable[..., Iterator[Example]]] = {
@@ -396,3 +401,10 @@ READERS: dict[str, Callable[..., Iterator[Example]]] = {
     "nq-gold": read_nq_gold,
     "red-trivia": read_red_trivia,
 }
+
+
+def read_task(fmt: str, path: Path | str, **options: Any) -> list[Example]:
+    """All examples of `path` read with the reader named `fmt` (a key of READERS)."""
+    if fmt not in READERS:
+        raise ValueError(f"unknown task format {fmt!r}; known: {', '.join(READERS)}")
+    return list(READERS[fmt](path, **options))
