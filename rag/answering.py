@@ -29,7 +29,7 @@ class Evidence:
     id: str
     title: str
     text: str
-    score: float  # q(x) . d(z)
+    score: float  # the logit of p(z|x): q(x) . d(z) (dense), BM25 / T (bm25), their mixture (hybrid)
     prior: float  # p(z|x)
     posterior: float  # p(z|x,y) for the answer y
 
@@ -167,9 +167,12 @@ def rag_model_config(
     prompt: str = "short-answer",
     checkpoint: str = "",
     device: str = "cpu",
+    retriever: str | None = None,
+    bm25_temperature: float | None = None,
 ) -> RagConfig:
     """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
-    checkpoint's model (its q(x), generator, knowledge base, kind and k), which the other flags adjust."""
+    checkpoint's model (its q(x), generator, knowledge base, retriever, kind and k), which the other
+    flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense)."""
     if checkpoint:
         from rag.train_checkpoint import checkpoint_rag_config
 
@@ -180,6 +183,8 @@ def rag_model_config(
         generator_config = GeneratorConfig(dtype=generator_dtype(dtype, device), prompt=prompt)  # type: ignore[arg-type]
     if generator:
         generator_config = replace(generator_config, path=generator)
+    retriever_config = replace(base.retriever, kind=retriever or base.retriever.kind,
+                               bm25_temperature=bm25_temperature or base.retriever.bm25_temperature)  # type: ignore[arg-type]
     return replace(base, kind=kind or base.kind, k=k or base.k, index_dir=index_dir or base.index_dir,
-                   generator=generator_config)  # type: ignore[arg-type]  # fmt: skip
+                   generator=generator_config, retriever=retriever_config)  # type: ignore[arg-type]  # fmt: skip
 

@@ -73,6 +73,49 @@ class IndexConfig:
     store_dtype: Literal["auto", "float32", "float16"] = "auto"  # stored d(z); auto: float16 for ivfpq
 
 
+@dataclass(frozen=True)
+class BM25Config:
+    """The lexical index (rag.bm25, built with bm25s): scoring variant and parameters, and how text
+    becomes terms. Stored with the index, so that queries are tokenised exactly as the passages were."""
+
+    k1: float = 1.5  # bm25s' defaults (Robertson's usual values)
+    b: float = 0.75
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    stopwords: str = "en"  # bm25s' English list; "" keeps every word
+    stemmer: str = "english"  # a PyStemmer (Snowball) language; "" for none
+
+
+RetrieverKind = Literal["dense", "bm25", "hybrid"]
+RETRIEVER_KINDS: tuple[str, ...] = ("dense", "bm25", "hybrid")
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Which retriever p(z|x) comes from. dense: q(x).d(z) (trainable through q(x)); bm25: the top k
+    BM25 scores / bm25_temperature as logits (frozen: the paper's Table 6 ablation); hybrid: fused
+    rankings (rag.fusion; method and weight stored in the knowledge base), prior logits
+    w * q(x).d(z) + (1 - w) * BM25 / bm25_temperature."""
+
+    kind: RetrieverKind = "dense"
+    bm25_temperature: float = 1.0  # the paper uses BM25 scores as logits unchanged
+
+    def __post_init__(self) -> None:
+        if self.kind not in RETRIEVER_KINDS:
+            raise ValueError(f"RetrieverConfig.kind: expected one of {', '.join(RETRIEVER_KINDS)}, got {self.kind!r}")
+        if not self.bm25_temperature > 0:
+            raise ValueError(f"RetrieverConfig.bm25_temperature must be > 0, got {self.bm25_temperature}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Hybrid retrieval: how the dense and BM25 rankings are fused (rag.fusion)."""
+
+    method: Literal["rrf", "interpolation"] = "rrf"
+    weight: float = 0.5  # the dense side's share; BM25 gets 1 - weight
+    rrf_k: int = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009)
+    depth: int = 100  # candidates taken from each retriever before fusing
+
+
 PromptStyle = Literal["short-answer", "chat", "plain"]
 PROMPT_STYLES: tuple[str, ...] = ("short-answer", "chat", "plain")
 
@@ -109,6 +152,7 @@ class RagConfig:
     query_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(scale=DEFAULT_QUERY_SCALE))
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     index_dir: str = ""  # "" = the default knowledge base's cached index
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
 
 
 @dataclass(frozen=True)
@@ -194,7 +238,7 @@ def save_json(config: Any, path: Path) -> None:
 _CONFIG_CLASSES: dict[str, type] = {
     c.__name__: c
     for c in (CorpusConfig, EncoderConfig, IndexConfig, GeneratorConfig, DecodingConfig, RagConfig,
-              TrainConfig, EvalConfig, LabelSet)
+              TrainConfig, EvalConfig, LabelSet, BM25Config, RetrieverConfig, FusionConfig)
 }
 
 

@@ -14,15 +14,22 @@ from rag.config import EvalConfig, to_dict
 from rag.io import atomic_write_text
 
 
-def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None) -> dict[str, Any]:
-    """What must match for a re-run to append to a folder: the settings, the data, and the generator's
-    configuration (its path and prompt style; a resumed run must not mix two prompts)."""
+def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None,
+                 retriever: Any = None) -> dict[str, Any]:  # fmt: skip
+    """What must match for a re-run to append to a folder: the settings, the data, the generator's
+    configuration (its path and prompt style; a resumed run must not mix two prompts) and, unless it is
+    the dense one, the retriever (BM25's temperature, the hybrid's fusion)."""
     settings = to_dict(config)
     settings.pop("progress")
     settings.pop("batch_size")
     identity = {"config": json.loads(json.dumps(settings, default=str)), "task": task}
     if generator is not None and config.mode != "retrieval-only":
         identity["generator"] = json.loads(json.dumps(to_dict(generator.generator_config), default=str))
+    kind = getattr(retriever, "kind", "dense")
+    if retriever is not None and config.mode != "closed-book" and kind != "dense":
+        identity["retriever"] = {"kind": kind, "bm25_temperature": retriever.temperature}
+        if kind == "hybrid":
+            identity["retriever"]["fusion"] = to_dict(retriever.fusion)
     return identity
 
 

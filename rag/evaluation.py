@@ -265,7 +265,8 @@ def evaluate(
 ) -> EvalResult:
     """Predictions for `examples` (skipping those already in out_dir), then metrics over all of them.
 
-    retriever: anything with retrieve(questions, k) -> rag.retriever.Retrieved (not for closed-book);
+    retriever: anything with retrieve(questions, k) -> rag.retriever.Retrieved (not for closed-book):
+    dense, BM25 or hybrid (rag.retriever; their scores are the logits of p(z|x));
     generator: a rag.generators.Generator (not for retrieval-only). `task` (e.g. the reader and data
     file) is recorded in run.json so that a resumed run cannot mix two data sets.
     """
@@ -295,7 +296,7 @@ def evaluate_many(
         for config, out_dir in runs:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            check_run(out_dir, run_identity(config, task or {}, generator))
+            check_run(out_dir, run_identity(config, task or {}, generator, retriever))
             done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
             sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))
             states.append(_Run(config, out_dir, done, sink))

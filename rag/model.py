@@ -24,7 +24,7 @@ from rag.generators import Generator, TargetBatch, load_generator
 if TYPE_CHECKING:  # the encoder/retriever modules import torch models only when used
     from rag.decoding import Generation
     from rag.encoders import Encoder
-    from rag.retriever import Retrieved, Retriever
+    from rag.retriever import AnyRetriever, Retrieved
 
 Kind = Literal["token", "sequence"]
 
@@ -58,7 +58,7 @@ def _repeat_targets(targets: TargetBatch, k: int) -> TargetBatch:
 
 class RagModel(nn.Module):
     def __init__(
-        self, query_encoder: Encoder, retriever: Retriever, generator: Generator, kind: Kind, k: int
+        self, query_encoder: Encoder, retriever: AnyRetriever, generator: Generator, kind: Kind, k: int
     ) -> None:
         super().__init__()
         if kind not in ("token", "sequence"):
@@ -67,7 +67,9 @@ class RagModel(nn.Module):
             raise ValueError(f"k must be at least 1, got {k}")
         self.query_encoder = query_encoder  # a registered submodule: trained
         self.generator = generator  # a registered submodule: trained
-        self.retriever = retriever  # plain attribute: index and stored d(z) are not parameters
+        # plain attribute: index and stored d(z) are not parameters. Dense (the paper's), BM25 (frozen:
+        # the Table 6 ablation) or hybrid (rag.retriever); its query_weight says how much q(x) counts.
+        self.retriever = retriever
         # Set only when d(z) is trained too (rag.passage_training): then the retrieved passages'
         # d(z) are recomputed in the graph instead of read from the index.
         self.passage_encoder: Encoder | None = None
@@ -79,11 +81,11 @@ class RagModel(nn.Module):
         """Encoders, the knowledge base (config.index_dir, or the default one) and the generator."""
         from rag.encoders import load_encoder
         from rag.knowledge import default_knowledge_base
-        from rag.retriever import Retriever
+        from rag.retriever import open_retriever
 
         query_encoder = load_encoder(config.query_encoder, device)
         index_dir = config.index_dir or default_knowledge_base()
-        retriever = Retriever.open(index_dir, query_encoder=query_encoder)
+        retriever = open_retriever(index_dir, config.retriever, query_encoder=query_encoder)
         return cls(query_encoder, retriever, load_generator(config.generator, device), config.kind, config.k)
 
     @classmethod
@@ -99,14 +101,21 @@ class RagModel(nn.Module):
         return self.query_encoder(tokens["input_ids"], tokens["attention_mask"])
 
     def forward(self, questions: list[str], targets: list[str], label_smoothing: float = 0.0) -> RagOutput:
-        query = self.encode_questions(questions)  # (B, D), in the graph
-        retrieved = self.retriever.retrieve_vectors(query.detach(), self.k)
-        embeddings = retrieved.embeddings  # (B, K, D): the index's stored d(z), constants
-        if self.passage_encoder is not None:  # d(z) is trained too (rag.passage_training)
-            from rag.encoders import encode_passages
+        # BM25 alone: p(z|x) does not depend on q(x), which is not even computed (nothing to train there)
+        weight = self.retriever.query_weight  # 1 dense, 0 BM25, w hybrid
+        query = self.encode_questions(questions) if weight > 0 else None  # (B, D), in the graph
+        retrieved = self.retriever.retrieve(
+            questions, self.k, query_vectors=None if query is None else query.detach()
+        )
+        scores = retrieved.fixed_logits if retrieved.fixed_logits is not None else 0.0  # (B, K) constants
+        if query is not None:
+            embeddings = retrieved.embeddings  # (B, K, D): the index's stored d(z), constants
+            if self.passage_encoder is not None:  # d(z) is trained too (rag.passage_training)
+                from rag.encoders import encode_passages
 
-            embeddings = encode_passages(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
-        scores = doc_scores(query, embeddings)  # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
+                embeddings = encode_passages(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
+            # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
+            scores = weight * doc_scores(query, embeddings) + scores
         passages = [
             list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
         ]

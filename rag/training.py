@@ -83,8 +83,10 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def make_optimizer(model: RagModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trained parts only (frozen ones get requires_grad False), and its schedule."""
     groups = []
+    # With BM25 alone p(z|x) does not depend on q(x) (the paper's BM25 ablation): only the generator learns.
+    query_frozen = config.freeze_query_encoder or model.retriever.query_weight == 0
     parts = [
-        (model.query_encoder, config.freeze_query_encoder, config.lr),
+        (model.query_encoder, query_frozen, config.lr),
         (model.generator, config.freeze_generator, config.lr if config.generator_lr is None else config.generator_lr),
     ]
     if model.passage_encoder is not None:
@@ -95,7 +97,8 @@ def make_optimizer(model: RagModel, config: TrainConfig) -> tuple[torch.optim.Op
         if not frozen:
             groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
     if not groups:
-        raise ValueError("TrainConfig: both the query encoder and the generator are frozen; nothing to train")
+        raise ValueError("TrainConfig: both the query encoder and the generator are frozen (q(x) is with the "
+                         "BM25 retriever); nothing to train")
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return optimizer, scheduler
@@ -178,6 +181,8 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
         raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size}")
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
+    if config.train_passage_encoder and model.retriever.kind != "dense":
+        raise ValueError(f"training d(z) needs the dense retriever, not {model.retriever.kind!r}")
     if config.train_passage_encoder and model.passage_encoder is None:
         attach_passage_encoder(model, config.rag.index_dir, model.generator.device)
     optimizer, scheduler = make_optimizer(model, config)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rag.cli.search import add_retriever_arguments, retriever_config
 from rag.config import PROMPT_STYLES, DecodingConfig, EncoderConfig, GeneratorConfig
 
 
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="q(x) = scale * pooled output, the prior's temperature (default: 20 for the default "
                         "encoder, as RagConfig; 1 otherwise)")
     p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
+    add_retriever_arguments(p, default=None)
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
     p.add_argument("-k", type=int, nargs="+", default=None,
                    help="passages marginalised; several values = several runs (default: 5, or the checkpoint's)")
@@ -103,8 +105,10 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         generator = load_generator(replace(config, path=args.generator) if args.generator else config, args.device)
     if args.mode == "closed-book":
         return None, generator, kinds
-    retriever = _retriever(args, query_encoder)
+    retriever = _retriever(args, query_encoder, trained.retriever if trained else None)
     if args.swap_index:
+        if retriever.kind != "dense":
+            raise ValueError("--swap-index is the dense retriever's hot-swap experiment; drop --retriever")
         from rag.hotswap import swap_index
         from rag.model import RagModel
 
@@ -113,11 +117,11 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     return retriever, generator, kinds
 
 
-def _retriever(args: argparse.Namespace, query_encoder: Any) -> Any:
+def _retriever(args: argparse.Namespace, query_encoder: Any, trained_retriever: Any = None) -> Any:
     from rag.config import DEFAULT_ENCODER, DEFAULT_QUERY_SCALE
     from rag.encoders import load_encoder
     from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
-    from rag.retriever import Retriever
+    from rag.retriever import open_retriever
 
     index = args.index or default_knowledge_base(progress=not args.no_progress)
     scale = args.query_scale
@@ -126,7 +130,8 @@ def _retriever(args: argparse.Namespace, query_encoder: Any) -> Any:
         scale = DEFAULT_QUERY_SCALE if d_z == DEFAULT_ENCODER else 1.0
     if query_encoder is None and args.query_encoder:
         query_encoder = load_encoder(EncoderConfig(path=args.query_encoder, scale=scale), args.device)
-    return Retriever.open(index, query_encoder=query_encoder, device=args.device, scale=scale)
+    config = retriever_config(args, trained_retriever)
+    return open_retriever(index, config, query_encoder=query_encoder, device=args.device, scale=scale)
 
 
 def run_name(mode: str, kind: str, decoding: str, k: int) -> str:
@@ -182,6 +187,8 @@ def run_hotswap(args: argparse.Namespace, out: Path) -> int:
 
     args.mode = "rag"
     retriever, generator, kinds = load_components(args)
+    if retriever.kind != "dense":
+        raise ValueError("--hotswap-experiment swaps the dense index; drop --retriever")
     model = RagModel(retriever.query_encoder, retriever, generator, kinds[0], args.k[0])
     base = Path(args.index) if args.index else default_knowledge_base(progress=not args.no_progress)
     decoding = DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, decoding=args.decoding[0])

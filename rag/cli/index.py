@@ -1,4 +1,6 @@
-"""`rag index build` and `rag index info`: make a knowledge base from a corpus, and describe one."""
+"""`rag index build`, `rag index hybrid` and `rag index info`: make a knowledge base from a corpus (its
+dense index, and with --retriever bm25 its BM25 index too), choose its hybrid fusion on development
+questions, and describe one."""
 
 from __future__ import annotations
 
@@ -39,8 +41,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shard-size", type=int, default=IndexConfig.shard_size, help="passages per resumable shard"
     )
     build.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    build.add_argument("--retriever", choices=["dense", "bm25"], default="dense",
+                       help="bm25: also index the passages with BM25 (bm25s), a second index in the same "
+                            "folder; on an existing knowledge base only that is done (no re-encoding)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=run_build)
+
+    hybrid = sub.add_parser("hybrid", help="choose the hybrid retriever's fusion on development questions "
+                                           "and store it in the knowledge base (hybrid.json)")
+    hybrid.add_argument("dir", help="a knowledge base folder")
+    hybrid.add_argument("--task", required=True, help="task format of the questions (rag.tasks: squad-open, nq-open, ...)")
+    hybrid.add_argument("--data", required=True, help="the questions' file or folder")
+    hybrid.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
+    hybrid.add_argument("--part", choices=["all", "dev"], default="dev",
+                        help="dev: positions i %% 5 != 4 only (reserved sets); never tune on a reserved fifth")
+    hybrid.add_argument("--limit", type=int, default=1000, help="the first N questions (0: all)")
+    hybrid.add_argument("-k", type=int, default=5, help="the fusion with the best recall@k is chosen")
+    hybrid.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
+    hybrid.set_defaults(func=run_hybrid)
 
     info = sub.add_parser("info", help="describe a knowledge base folder")
     info.add_argument("dir")
@@ -71,7 +89,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[CorpusConfig, EncoderCo
 
 def run_build(args: argparse.Namespace) -> int:
     corpus, encoder, index = configs_from_args(args)
-    info = build_knowledge_base(corpus, encoder, index, Path(args.out), progress=not args.no_progress)
+    out = Path(args.out)
+    if args.retriever == "bm25" and (out / META_FILE).is_file():
+        return _add_bm25(out, corpus, not args.no_progress)
+    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress)
     rate = info.passages / info.seconds if info.seconds > 0 else float("inf")
     print(f"built {info.path}: {info.passages} passages from {info.documents} documents, dim {info.dim}, "
           f"{index.kind} index")  # fmt: skip
@@ -79,6 +100,43 @@ def run_build(args: argparse.Namespace) -> int:
           f"{info.shards_reused} reused from an interrupted build")  # fmt: skip
     if info.skipped_records:
         print(f"  {info.skipped_records} bad records skipped (--skip-bad-records)")
+    return _add_bm25(out, corpus, not args.no_progress) if args.retriever == "bm25" else 0
+
+
+def _add_bm25(out: Path, corpus: CorpusConfig, progress: bool) -> int:
+    """Index a finished knowledge base's passages with BM25 (a corpus flag must name its corpus)."""
+    from rag.bm25 import build_bm25_index
+
+    built_from = open_knowledge_base(out).meta["corpus"]["source"]
+    if corpus.source != DEFAULT_CORPUS and corpus.source != built_from:
+        raise ValueError(f"{out} holds the passages of {built_from}, not of --corpus {corpus.source}; "
+                         "give another --out for a new knowledge base")  # fmt: skip
+    info = build_bm25_index(out, progress=progress)
+    print(f"BM25 index of {out}: {info.passages} passages, {info.terms} terms, {info.seconds:.1f} s")
+    return 0
+
+
+def run_hybrid(args: argparse.Namespace) -> int:
+    from rag.config import EncoderConfig as Enc
+    from rag.hybrid import choose_hybrid_fusion
+    from rag.retriever import HybridRetriever
+    from rag.tasks import read_task, split_reserved
+
+    options = {"subsets": args.subset} if args.subset else {}
+    examples = read_task(args.task, Path(args.data), **options)
+    examples = split_reserved(examples, "dev") if args.part == "dev" else examples
+    examples = examples[: args.limit] if args.limit else examples
+    if not examples:
+        raise ValueError(f"{args.data}: no questions to choose the fusion on")
+    retriever = HybridRetriever.open(args.dir, encoder=Enc(path=args.query_encoder) if args.query_encoder else None)
+    provenance = {"task": args.task, "data": str(Path(args.data).resolve()), "part": args.part,
+                  "limit": args.limit, "subset": args.subset}  # fmt: skip
+    choice = choose_hybrid_fusion(retriever, examples, k=args.k, kb_dir=args.dir, provenance=provenance)
+    for method in ("rrf", "interpolation"):
+        best = max((t for t in choice.tried if t["method"] == method), key=lambda t: t[f"recall_at_{args.k}"])
+        print(f"{method:>13}: best weight {best['weight']:.2f}, recall@{args.k} {100 * best[f'recall_at_{args.k}']:.1f}")
+    print(f"chosen on {choice.questions} questions: {choice.config.method}, dense weight {choice.config.weight:.2f} "
+          f"-> {choice.path}")  # fmt: skip
     return 0
 
 
@@ -100,7 +158,24 @@ def describe(path: Path) -> dict[str, Any]:
         "bytes_on_disk": size,
         "build_seconds": kb.meta["build_seconds"],
         "fingerprint": kb.meta["fingerprint"],
+        **_bm25_facts(path),
     }
+
+
+def _bm25_facts(path: Path) -> dict[str, Any]:
+    from rag.bm25 import BM25_DIR, bm25_meta, has_bm25_index
+    from rag.fusion import load_fusion
+
+    if not has_bm25_index(path):
+        return {"bm25": "none (rag index build --retriever bm25)"}
+    meta = bm25_meta(path)
+    fusion, chosen_on = load_fusion(path)
+    size = sum(f.stat().st_size for f in (path / BM25_DIR).rglob("*") if f.is_file())
+    hybrid = f"{fusion.method}, dense weight {fusion.weight:.2f}" + (
+        f" (chosen on {chosen_on.get('questions')} questions of {chosen_on.get('task')})" if chosen_on
+        else " (defaults: rag index hybrid chooses on development questions)")  # fmt: skip
+    return {"bm25": f"{meta['terms']} terms, {size} bytes, built in {meta.get('build_seconds', '?')} s",
+            "hybrid": hybrid}  # fmt: skip
 
 
 def run_info(args: argparse.Namespace) -> int:

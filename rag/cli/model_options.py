@@ -1,6 +1,6 @@
 """The model and decoding flags that `rag ask` and `rag serve` share: one definition, one reading.
 
-    add_model_arguments(parser)        # --kind -k --checkpoint --index --generator --dtype --prompt ...
+    add_model_arguments(parser)        # --kind -k --checkpoint --index --retriever --generator --dtype ...
     asker = load_asker(args)           # rag.answering.Asker with the model and decoding those flags name
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from rag.answering import Asker, rag_model_config
+from rag.cli.search import add_retriever_arguments
 from rag.config import PROMPT_STYLES, DecodingConfig, RagConfig
 
 
@@ -23,6 +24,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--min-new-tokens", type=int, default=1)
     p.add_argument("--index", default="", help="knowledge base folder (default: the built-in one)")
+    add_retriever_arguments(p, default=None)
     p.add_argument("--generator", default="", help="generator path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -51,7 +53,7 @@ def model_config(args: argparse.Namespace) -> RagConfig:
     if args.k is not None and args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     return rag_model_config(args.kind, args.k, args.index, args.generator, args.dtype, args.prompt,
-                            args.checkpoint, args.device)  # fmt: skip
+                            args.checkpoint, args.device, args.retriever, args.bm25_temperature)  # fmt: skip
 
 
 def load_asker(args: argparse.Namespace) -> Asker:

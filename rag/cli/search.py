@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+from dataclasses import replace
 from typing import Any
 
-from rag.config import EncoderConfig
-from rag.retriever import Retrieved, Retriever
+from rag.config import RETRIEVER_KINDS, EncoderConfig, RetrieverConfig
+from rag.retriever import Retrieved, open_retriever
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,15 +21,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--query-encoder", default="", help="q(x) directory (default: the index's d(z) encoder)"
     )
+    add_retriever_arguments(parser)
     parser.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
+
+
+def add_retriever_arguments(parser: argparse.ArgumentParser, default: str | None = "dense") -> None:
+    """--retriever and --bm25-temperature, as search, ask, eval and train take them."""
+    parser.add_argument("--retriever", choices=RETRIEVER_KINDS, default=default,
+                        help="dense: q(x).d(z) (the paper's); bm25: BM25 scores as fixed logits (its ablation); "
+                             "hybrid: both fused as the knowledge base's hybrid.json says (rag index hybrid). "
+                             "A missing BM25 index is built once into the knowledge base"
+                             + ("" if default else " (default: dense, or the checkpoint's)"))
+    parser.add_argument("--bm25-temperature", type=float, default=None,
+                        help="p(z|x) logits are BM25 score / this (default 1: the scores themselves, as the paper)")
+
+
+def retriever_config(args: argparse.Namespace, base: RetrieverConfig | None = None) -> RetrieverConfig:
+    """The RetrieverConfig the flags name, over `base` (a checkpoint's) where a flag is not given."""
+    base = base or RetrieverConfig()
+    return replace(base, kind=args.retriever or base.kind,
+                   bm25_temperature=args.bm25_temperature or base.bm25_temperature)  # fmt: skip
 
 
 def hits(retrieved: Retrieved, i: int) -> list[dict[str, Any]]:
     return [
         {
             "rank": rank + 1,
-            "score": float(retrieved.scores[i, rank]),
+            "score": float(retrieved.scores[i, rank]),  # the logit of p(z|x)
             "id": retrieved.ids[i][rank],
             "title": retrieved.titles[i][rank],
             "text": retrieved.texts[i][rank],
@@ -41,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     encoder = EncoderConfig(path=args.query_encoder) if args.query_encoder else None
-    retriever = Retriever.open(args.index, encoder=encoder)
+    if encoder is not None and args.retriever == "bm25":
+        raise ValueError("--query-encoder is for the dense and hybrid retrievers, not bm25")
+    retriever = open_retriever(args.index, retriever_config(args), encoder=encoder)
     if args.k > len(retriever.index):
         raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {args.index}")
     retrieved = retriever.retrieve(args.queries, args.k)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rag.cli.search import add_retriever_arguments, retriever_config
 from rag.config import DEFAULT_QUERY_SCALE, PROMPT_STYLES, EncoderConfig, GeneratorConfig, RagConfig
 
 
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
     p.add_argument("--index", default="", help="knowledge base folder (default: the packaged Wikipedia one)")
     p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
+    add_retriever_arguments(p)  # bm25: p(z|x) is fixed, only the generator learns (the paper's ablation)
     p.add_argument("--query-scale", type=float, default=DEFAULT_QUERY_SCALE,
                    help="q(x) = scale * pooled output: the temperature of p(z|x) over cosine scores")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
@@ -82,7 +84,7 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
     generator = GeneratorConfig(prompt=args.prompt)
     generator = dataclasses.replace(generator, path=args.generator) if args.generator else generator
     return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder, generator=generator,
-                     index_dir=index_dir)  # fmt: skip
+                     index_dir=index_dir, retriever=retriever_config(args))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
