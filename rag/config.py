@@ -71,6 +71,19 @@ class IndexConfig:
     rerank_factor: int = 10  # ivfpq: re-rank k * rerank_factor candidates exactly
     shard_size: int = 4096  # passages per resumable build shard
     store_dtype: Literal["auto", "float32", "float16"] = "auto"  # stored d(z); auto: float16 for ivfpq
+    # IVF kinds: inverted lists in a memory-mapped file (faiss OnDiskInvertedLists) instead of RAM,
+    # added in blocks of this many rows (each block's codes are held in RAM while it is added)
+    ondisk_lists: bool = False
+    ondisk_block_rows: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class GivenEmbeddings:
+    """Passage embeddings computed elsewhere (rag.vectors), indexed instead of encoding the corpus."""
+
+    path: str  # .npy (row i = passage i), or Parquet/Arrow with an id and a vector column
+    id_column: str = "id"
+    vector_column: str = ""  # "": the first of embeddings, embedding, vector, vectors
 
 
 @dataclass(frozen=True)
@@ -237,8 +250,8 @@ def save_json(config: Any, path: Path) -> None:
 
 _CONFIG_CLASSES: dict[str, type] = {
     c.__name__: c
-    for c in (CorpusConfig, EncoderConfig, IndexConfig, GeneratorConfig, DecodingConfig, RagConfig,
-              TrainConfig, EvalConfig, LabelSet, BM25Config, RetrieverConfig, FusionConfig)
+    for c in (CorpusConfig, EncoderConfig, IndexConfig, GivenEmbeddings, GeneratorConfig, DecodingConfig,
+              RagConfig, TrainConfig, EvalConfig, LabelSet, BM25Config, RetrieverConfig, FusionConfig)
 }
 
 

@@ -13,16 +13,33 @@ Kinds:
   stored (float16) embeddings.
 - `factory`: any FAISS index_factory string with inner product, candidates re-ranked like ivfpq.
 
-On disk: `embeddings.npy`, `faiss.index` (not for flat) and `meta.json`, written last inside an
-atomic folder; `load` refuses a folder whose meta.json is missing or does not match its files.
+IVF kinds may keep their inverted lists on disk (`IndexConfig.ondisk_lists`: faiss
+OnDiskInvertedLists, memory-mapped): then only the coarse quantizer and the PQ tables live in RAM.
+
+Building from a file (`build_from_file`) streams: the training sample and every chunk added are read
+with plain file IO (rag.npy), so peak memory is the sample plus one chunk whatever N is; on-disk
+lists are added block by block into block files (kept in a stages folder, so an interrupted build
+resumes at the next block) and merged into one lists file (faiss.contrib.ondisk).
+
+Searches take an optional `live` mask (N,) bool: rows that may be returned. Dead rows (deleted
+passages of a live-updated knowledge base) are skipped inside the search (exact search: scored -inf;
+FAISS: an IDSelectorBitmap), so results equal those of an index without them.
+
+On disk: `embeddings.npy`, `faiss.index` (not for flat), `lists.ivfdata` (on-disk lists) and
+`meta.json`, written last inside an atomic folder; `load` refuses a folder whose meta.json is
+missing or does not match its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,120 +47,26 @@ import faiss
 import numpy as np
 
 from rag.config import IndexConfig, from_dict, to_dict
-from rag.io import atomic_dir, atomic_write_text
+from rag.io import atomic_dir, atomic_path, atomic_write_text
+from rag.mips import DenseIndexError, SearchResult, exact_search, rerank, topk_rows
+from rag.npy import MatrixFile, iter_chunks, open_matrix, read_sample, write_matrix
+
+__all__ = ["DenseIndex", "DenseIndexError", "SearchResult", "exact_search", "rerank", "topk_rows",
+           "store_dtype", "read_meta"]  # fmt: skip
 
 FORMAT = "rag-dense-index"
 VERSION = 1
 EMB_FILE = "embeddings.npy"
 FAISS_FILE = "faiss.index"
+IVFDATA_FILE = "lists.ivfdata"
 META_FILE = "meta.json"
-_SCORE_BLOCK_BYTES = 64 << 20  # the (B, rows) score block of a batched exact search
-_ADD_CHUNK = 65536  # rows handed to FAISS (and copied from shards) at a time
-
-
-class DenseIndexError(ValueError):
-    """A bad index folder, a bad query or a bad build input; the message names what is wrong."""
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    rows: np.ndarray  # (B, K) int64, best first
-    scores: np.ndarray  # (B, K) float32, q . d(z) of the stored embeddings
+_ADD_CHUNK = 65536  # rows handed to FAISS at a time
 
 
 def store_dtype(config: IndexConfig) -> np.dtype:
     if config.store_dtype == "auto":
         return np.dtype(np.float16 if config.kind == "ivfpq" else np.float32)
     return np.dtype(config.store_dtype)
-
-
-# ---------------------------------------------------------------- exact search (pure functions)
-
-
-def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row top-k of scores (b, n), best first -> rows (b, k) int64, values (b, k).
-
-    A full argpartition costs about as much as the matrix product that made the scores, so we first
-    find a threshold that at least k entries of each row reach: split the row into k chunks and take
-    the smallest of the k chunk maxima. Only the few entries above it (tens for k = 10) are sorted;
-    max, compare and flatnonzero are single vectorised passes.
-    """
-    b, n = scores.shape
-    if 8 * k > n:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (b, 1))
-        vals = np.take_along_axis(scores, part, 1)
-        order = np.argsort(-vals, axis=1, kind="stable")
-        return np.take_along_axis(part, order, 1).astype(np.int64), np.take_along_axis(vals, order, 1)
-    m = n // k
-    thr = scores[:, : m * k].reshape(b, k, m).max(axis=2).min(axis=1)  # (b,)
-    flat = np.flatnonzero(scores >= thr[:, None])  # candidates, row-major
-    row, col = np.divmod(flat, n)
-    vals = scores.reshape(-1)[flat]
-    counts = np.bincount(row, minlength=b)
-    if counts.min() < k:  # only NaN scores can break the bound
-        raise DenseIndexError("search: scores contain NaN (are the embeddings or queries finite?)")
-    order = np.lexsort((-vals, row))  # by row, then best first
-    take = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]  # (b, k)
-    return col[take].astype(np.int64), vals[take]
-
-
-def exact_search(
-    matrix: np.ndarray, queries: np.ndarray, k: int, block_rows: int = 0, query_chunk: int = 256
-) -> SearchResult:
-    """Exact MIPS top-k of queries (B, D) float32 against matrix (N, D), streaming over row blocks.
-
-    One query: a matrix-vector product per block (memory-bound sgemv). Several: a matrix product per
-    (query chunk, row block) into one reused score buffer (compute-bound sgemm), so memory stays
-    bounded by query_chunk * block_rows scores whatever N and B are.
-    """
-    n, b = matrix.shape[0], queries.shape[0]
-    qc = min(b, query_chunk)
-    if block_rows <= 0:
-        block_rows = max(4096, _SCORE_BLOCK_BYTES // (4 * qc))
-    buf = np.empty(qc * min(block_rows, n), np.float32) if b > 1 else None
-    best_r = np.zeros((b, 0), np.int64)  # running top-k (B, <=K)
-    best_s = np.zeros((b, 0), np.float32)
-    for start in range(0, n, block_rows):
-        block = matrix[start : start + block_rows]
-        if block.dtype != np.float32:
-            block = block.astype(np.float32)
-        nb, kb = block.shape[0], min(k, block.shape[0])
-        r, s = np.empty((b, kb), np.int64), np.empty((b, kb), np.float32)
-        if buf is None:
-            r[:], s[:] = topk_rows(np.dot(block, queries[0])[None], kb)  # (1, n_b) sgemv
-        for q0 in range(0, b if buf is not None else 0, qc):
-            q = queries[q0 : q0 + qc]
-            out = buf[: q.shape[0] * nb].reshape(q.shape[0], nb)  # contiguous view of the reused buffer
-            np.matmul(q, block.T, out=out)  # (qc, n_b) sgemm
-            r[q0 : q0 + qc], s[q0 : q0 + qc] = topk_rows(out, kb)
-        best_r = np.concatenate([best_r, r + start], axis=1)
-        best_s = np.concatenate([best_s, s], axis=1)
-        if best_s.shape[1] > k:
-            best_r, best_s = _merge(best_r, best_s, k)
-    return SearchResult(best_r, best_s)
-
-
-def _merge(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best k of each row of a few candidates (b, c), best first."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
-
-
-def rerank(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
-    """Exact re-ranking of candidate rows (B, C) (-1 = none) by q . d(z); keep the best k."""
-    valid = candidates >= 0
-    safe = np.where(valid, candidates, 0)
-    scores = np.empty(candidates.shape, np.float32)  # (B, C)
-    for start in range(0, queries.shape[0], 256):  # bounds the (b, C, D) gather
-        rows = safe[start : start + 256]
-        emb = np.asarray(matrix[rows.reshape(-1)], dtype=np.float32).reshape(*rows.shape, -1)
-        scores[start : start + 256] = np.einsum("bd,bcd->bc", queries[start : start + 256], emb)
-    scores[~valid] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    out = np.take_along_axis(scores, order, 1)
-    if not np.isfinite(out).all():
-        raise DenseIndexError(f"the index proposed fewer than k={k} candidates for some queries")
-    return SearchResult(np.take_along_axis(safe, order, 1).astype(np.int64), out)
 
 
 # ---------------------------------------------------------------- FAISS construction
@@ -170,32 +93,118 @@ def _faiss_index(dim: int, n: int, config: IndexConfig) -> faiss.Index:
     if config.kind == "factory":
         if not config.factory:
             raise DenseIndexError("kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)")
-        return faiss.index_factory(dim, config.factory, ip)
+        try:
+            return faiss.index_factory(dim, config.factory, ip)
+        except RuntimeError as error:
+            raise DenseIndexError(f"factory string {config.factory!r}: {error}") from None
     raise DenseIndexError(f"unknown index kind {config.kind!r} (flat, hnsw, ivfpq, factory)")
 
 
+def check_buildable(config: IndexConfig, n: int, dim: int) -> None:
+    """Fail now, not after hours of encoding, on a config that cannot index n rows of dim D."""
+    if config.kind != "flat":
+        index = _faiss_index(dim, n, config)
+        if config.ondisk_lists and _ivf(index) is None:
+            raise DenseIndexError(f"ondisk_lists needs an IVF index; {config.kind} "
+                                  f"{config.factory!r} has no inverted lists")  # fmt: skip
+
+
+def _ivf(index: faiss.Index) -> Any:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # an index without inverted lists
+        return None
+
+
+def training_rows(n: int, index: faiss.Index) -> np.ndarray:
+    """An evenly spread sample of rows to train on: 40 points per centroid of the largest codebook
+    (PQ: 256; IVF: its lists) is enough, and k-means cost is linear in the sample."""
+    ivf = _ivf(index)
+    lists = ivf.nlist if ivf is not None else 0
+    return np.unique(np.linspace(0, n - 1, min(n, max(256 * 40, 40 * lists))).astype(np.int64))
+
+
 def _fill_faiss(matrix: np.ndarray, config: IndexConfig) -> faiss.Index:
-    """Train (on an evenly spread sample) and add all rows of matrix, chunk by chunk."""
+    """Train (on an evenly spread sample) and add all rows of an in-memory matrix, chunk by chunk."""
     n, dim = matrix.shape
     index = _faiss_index(dim, n, config)
     if not index.is_trained:
-        # 40 points per centroid of the largest codebook (PQ: 256) is enough, and k-means cost is linear
-        lists = faiss.extract_index_ivf(index).nlist if config.kind == "ivfpq" else 0
-        sample = np.linspace(0, n - 1, min(n, max(256 * 40, 40 * lists))).astype(np.int64)
-        index.train(np.ascontiguousarray(matrix[sample], dtype=np.float32))
+        index.train(np.ascontiguousarray(matrix[training_rows(n, index)], dtype=np.float32))
     for start in range(0, n, _ADD_CHUNK):
         index.add(np.ascontiguousarray(matrix[start : start + _ADD_CHUNK], dtype=np.float32))
     return index
 
 
-def _set_search_params(index: faiss.Index, config: IndexConfig) -> None:
-    if config.kind == "hnsw":
-        index.hnsw.efSearch = config.hnsw_ef_search
-    elif config.kind in ("ivfpq", "factory"):
-        try:
-            faiss.extract_index_ivf(index).nprobe = config.nprobe
-        except RuntimeError:  # a factory index that has no inverted lists
-            pass
+def _faiss_from_file(matrix: MatrixFile, config: IndexConfig, out: Path, stages: Path,
+                     progress: bool) -> faiss.Index:  # fmt: skip
+    """Train on a sample read from the file, then add it chunk by chunk (on-disk lists: block by
+    block into stages/, then merged into out/lists.ivfdata). Finished stages are reused."""
+    stages.mkdir(parents=True, exist_ok=True)
+    trained_path = stages / "trained.index"
+    if trained_path.is_file():
+        index = faiss.read_index(str(trained_path))
+    else:
+        index = _faiss_index(matrix.dim, matrix.rows, config)
+        if not index.is_trained:
+            index.train(np.ascontiguousarray(read_sample(matrix, training_rows(matrix.rows, index)), np.float32))
+        _write_faiss(index, trained_path)
+    bar = _bar(progress, matrix.rows, "adding to the index")
+    try:
+        if not config.ondisk_lists:
+            for _, chunk in iter_chunks(matrix, chunk_rows=_ADD_CHUNK):
+                index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+                _tick(bar, len(chunk))
+            return index
+        blocks = []
+        for i, lo in enumerate(range(0, matrix.rows, config.ondisk_block_rows)):
+            hi = min(matrix.rows, lo + config.ondisk_block_rows)
+            blocks.append(stages / f"block-{i:05d}.index")
+            if not blocks[-1].is_file():
+                block = faiss.clone_index(index)
+                for start, chunk in iter_chunks(matrix, lo, hi, chunk_rows=_ADD_CHUNK):
+                    ids = np.arange(start, start + len(chunk), dtype=np.int64)  # global rows
+                    block.add_with_ids(np.ascontiguousarray(chunk, dtype=np.float32), ids)
+                _write_faiss(block, blocks[-1])
+                del block
+            _tick(bar, hi - lo)
+    finally:
+        if bar is not None:
+            bar.close()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merge_ondisk(index, [str(b) for b in blocks], str(out / IVFDATA_FILE))
+    return index
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def _bar(progress: bool, total: int, desc: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row")
+
+
+def _tick(bar: Any, n: int) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+def _search_params(index: faiss.Index, config: IndexConfig, selector: Any) -> Any:
+    """Per-call FAISS search parameters (nprobe, efSearch, the live-row selector): views made by
+    with_search_params share one FAISS object, so nothing is set on it."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=_search_params(base.index, config, selector))
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=config.hnsw_ef_search, sel=selector)
+    if isinstance(base, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=config.nprobe, sel=selector)
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
 # ---------------------------------------------------------------- the index
@@ -209,7 +218,7 @@ class DenseIndex:
         embeddings: np.ndarray,
         config: IndexConfig,
         faiss_index: faiss.Index | None,
-        faiss_bytes: int | None = None,  # known file size; else measured by serialising the index
+        faiss_bytes: int | None = None,  # known file sizes; else measured by serialising the index
     ) -> None:
         self.config = config
         self._emb = embeddings  # (N, D) in store_dtype(config), maybe memory-mapped
@@ -221,43 +230,74 @@ class DenseIndex:
     # -- construction
     @classmethod
     def build(cls, embeddings: np.ndarray, config: IndexConfig) -> DenseIndex:
+        """An in-memory index over an (N, D) matrix (on-disk lists need build_from_file)."""
         emb = _check_matrix(np.asarray(embeddings), "embeddings")
+        if config.ondisk_lists:
+            raise DenseIndexError("ondisk_lists: build the index from a file (DenseIndex.build_from_file)")
         stored = np.ascontiguousarray(emb, dtype=store_dtype(config))
         return cls(stored, config, None if config.kind == "flat" else _fill_faiss(stored, config))
 
     @classmethod
-    def build_from_shards(
-        cls, shards: Sequence[Path | str], config: IndexConfig, out_dir: Path | str
+    def build_from_file(
+        cls,
+        embeddings: Path | str,
+        config: IndexConfig,
+        out_dir: Path | str,
+        stages: Path | str | None = None,
+        progress: bool = False,
     ) -> DenseIndex:
-        """Stream shard .npy files (each (n_i, D), in order) into out_dir; returns the loaded index.
+        """Index an (N, D) .npy already in store_dtype(config), streaming; returns the loaded index.
 
-        The shards are read memory-mapped and copied chunk by chunk into the final memory-mapped
-        embeddings file, so nothing is held twice in RAM. The folder appears only when complete.
+        The file becomes the folder's embeddings.npy by a hard link where it can (no copy of a
+        multi-GB matrix; the index never writes to it), else by a copy. `stages` keeps the trained
+        index and on-disk list blocks of an interrupted build (default: a temporary folder).
+        """
+        matrix = open_matrix(embeddings)
+        _check_shape(matrix.rows, matrix.dim, str(embeddings))
+        if matrix.dtype != store_dtype(config):
+            raise DenseIndexError(f"{embeddings}: dtype {matrix.dtype}, the index stores {store_dtype(config)}")
+        check_buildable(config, matrix.rows, matrix.dim)
+        with _stages(stages, Path(out_dir)) as stage_dir, atomic_dir(out_dir) as tmp:
+            link_or_copy(matrix.path, tmp / EMB_FILE)
+            index = None
+            if config.kind != "flat":
+                index = _faiss_from_file(open_matrix(tmp / EMB_FILE), config, tmp, stage_dir, progress)
+            _write_rest(tmp, index, config, matrix.rows, matrix.dim)
+            del index
+        return cls.load(out_dir)
+
+    @classmethod
+    def build_from_shards(
+        cls, shards: Sequence[Path | str], config: IndexConfig, out_dir: Path | str, progress: bool = False
+    ) -> DenseIndex:
+        """Stream shard .npy files (each (n_i, D), in order) into one index folder at out_dir.
+
+        The shards are read chunk by chunk into one embeddings file (rag.npy: nothing is held in
+        RAM but a chunk), which is then indexed by build_from_file. The folder appears when complete.
         """
         if not shards:
             raise DenseIndexError("build_from_shards: no shard files given")
-        arrays = [_check_matrix(np.load(p, mmap_mode="r"), str(p)) for p in shards]
-        dims = {a.shape[1] for a in arrays}
+        files = [open_matrix(p) for p in shards]
+        for f in files:
+            _check_shape(f.rows, f.dim, str(f.path))
+            if f.dtype.kind != "f":
+                raise DenseIndexError(f"{f.path}: expected floating point embeddings, got {f.dtype}")
+        dims = {f.dim for f in files}
         if len(dims) != 1:
             raise DenseIndexError(f"shards disagree on the embedding dim: {sorted(dims)} ({shards})")
-        n, dim = sum(a.shape[0] for a in arrays), dims.pop()
-        with atomic_dir(out_dir) as tmp:
-            out = np.lib.format.open_memmap(tmp / EMB_FILE, "w+", store_dtype(config), (n, dim))
-            row = 0
-            for arr in arrays:
-                for start in range(0, arr.shape[0], _ADD_CHUNK):
-                    chunk = arr[start : start + _ADD_CHUNK]
-                    out[row : row + chunk.shape[0]] = chunk
-                    row += chunk.shape[0]
-            out.flush()
-            index = None if config.kind == "flat" else _fill_faiss(out, config)
-            del out
-            _write_rest(tmp, index, config, n, dim)
-        return cls.load(out_dir)
+        n, dim = sum(f.rows for f in files), dims.pop()
+        check_buildable(config, n, dim)
+        out_dir = Path(out_dir)
+        with _stages(None, out_dir) as work:
+            chunks = (chunk for f in files for _, chunk in iter_chunks(f))
+            write_matrix(work / EMB_FILE, chunks, n, dim, store_dtype(config))
+            return cls.build_from_file(work / EMB_FILE, config, out_dir, work / "stages", progress)
 
     # -- persistence
     def save(self, path: Path | str) -> None:
         """Write the index folder atomically; meta.json is written last."""
+        if self.config.ondisk_lists:
+            raise DenseIndexError("an index with on-disk lists is saved where it is built (build_from_file)")
         with atomic_dir(path) as tmp:
             np.save(tmp / EMB_FILE, self._emb)
             _write_rest(tmp, self._faiss, self.config, len(self), self.dim)
@@ -273,17 +313,22 @@ class DenseIndex:
                 f"({meta['count']}, {meta['dim']}) {meta['store_dtype']}"
             )
         config = from_dict(IndexConfig, meta["config"])
-        index = faiss.read_index(str(path / FAISS_FILE)) if config.kind != "flat" else None
+        index = None
+        if config.kind != "flat":
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if config.ondisk_lists else 0  # lists beside the index
+            try:
+                index = faiss.read_index(str(path / FAISS_FILE), flags)
+            except RuntimeError as error:
+                raise DenseIndexError(f"{path / FAISS_FILE}: not a readable FAISS index ({error})") from None
         if index is not None and index.ntotal != meta["count"]:
             raise DenseIndexError(
                 f"{path / FAISS_FILE}: {index.ntotal} vectors, meta.json says {meta['count']}"
             )
-        return cls(emb, config, index, (path / FAISS_FILE).stat().st_size if index is not None else 0)
+        faiss_bytes = sum(size for name, size in meta["files"].items() if name in (FAISS_FILE, IVFDATA_FILE))
+        return cls(emb, config, index, faiss_bytes)
 
     def with_search_params(self, **changes: Any) -> DenseIndex:
         """The same stored data with other search-time settings (nprobe, hnsw_ef_search, rerank_factor)."""
-        import dataclasses
-
         config = dataclasses.replace(self.config, **changes)
         return DenseIndex(self._emb, config, self._faiss, self._faiss_bytes)
 
@@ -297,7 +342,7 @@ class DenseIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the index, stored embeddings included."""
+        """Bytes of the index, stored embeddings (and on-disk lists) included."""
         return int(self._emb.nbytes) + self._faiss_bytes
 
     def embeddings(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -312,22 +357,33 @@ class DenseIndex:
         flat = np.asarray(self._emb[rows.reshape(-1)], dtype=np.float32)
         return flat.reshape(*rows.shape, self.dim)
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-k rows by inner product for queries (B, D) float32, best first."""
-        q = self._check_queries(queries, k)
+    def search(self, queries: np.ndarray, k: int, live: np.ndarray | None = None) -> SearchResult:
+        """Top-k rows by inner product for queries (B, D) float32, best first; only rows where
+        live (N,) bool is True when it is given."""
+        available = len(self) if live is None else int(np.count_nonzero(live))
+        q = self._check_queries(queries, k, available)
+        if live is not None and live.shape != (len(self),):
+            raise DenseIndexError(f"search: live mask of shape {live.shape}, expected ({len(self)},)")
         if self._faiss is None:
-            return exact_search(self._emb, q, k)
-        c = k if self.config.kind == "hnsw" else min(len(self), k * max(1, self.config.rerank_factor))
-        _set_search_params(self._faiss, self.config)  # per call: views share one FAISS object
-        _, cand = self._faiss.search(q, c)  # (B, C) candidate rows, -1 where none
+            return exact_search(self._emb, q, k, live=live)
+        c = k if self.config.kind == "hnsw" else min(available, k * max(1, self.config.rerank_factor))
+        selector = None
+        if live is not None:
+            bitmap = np.packbits(live, bitorder="little")  # faiss: bit i & 7 of byte i >> 3
+            selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bitmap))
+        params = _search_params(self._faiss, self.config, selector)
+        try:
+            _, cand = self._faiss.search(q, c, params=params)  # (B, C) candidate rows, -1 where none
+        except RuntimeError as error:
+            raise DenseIndexError(f"search: {self.config.kind} index: {error}") from None
         return rerank(self._emb, q, cand, k)
 
-    def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def _check_queries(self, queries: np.ndarray, k: int, available: int) -> np.ndarray:
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise DenseIndexError(f"search: queries must have shape (B, {self.dim}), got {q.shape}")
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= len(self):
-            raise DenseIndexError(f"search: k must be an int in [1, {len(self)}], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= available:
+            raise DenseIndexError(f"search: k must be an int in [1, {available}], got {k!r}")
         if q.dtype.kind != "f":
             raise DenseIndexError(f"search: queries must be floating point, got {q.dtype}")
         return np.ascontiguousarray(q, dtype=np.float32)
@@ -336,12 +392,40 @@ class DenseIndex:
 # ---------------------------------------------------------------- helpers
 
 
+def _check_shape(n: int, dim: int, name: str) -> None:
+    if n == 0 or dim == 0:
+        raise DenseIndexError(f"{name}: expected a non-empty (N, D) matrix, got shape ({n}, {dim})")
+
+
 def _check_matrix(a: np.ndarray, name: str) -> np.ndarray:
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
         raise DenseIndexError(f"{name}: expected a non-empty (N, D) matrix, got shape {a.shape}")
     if a.dtype.kind != "f":
         raise DenseIndexError(f"{name}: expected floating point embeddings, got {a.dtype}")
     return a
+
+
+@contextlib.contextmanager
+def _stages(stages: Path | str | None, out_dir: Path) -> Iterator[Path]:
+    """The given stages folder (kept: the caller resumes from it), or a temporary one beside out_dir."""
+    if stages is not None:
+        Path(stages).mkdir(parents=True, exist_ok=True)
+        yield Path(stages)
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".stages", dir=out_dir.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows (no copy of a multi-GB file), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _write_rest(tmp: Path, index: faiss.Index | None, config: IndexConfig, n: int, dim: int) -> None:

@@ -6,6 +6,10 @@ A finished knowledge base is one folder:
     meta.json        configs, counts, dim and fingerprint; written last, so its presence marks the
                      folder complete (the folder itself appears in one rename, rag.io.atomic_dir)
 
+Given embeddings (rag.vectors: `.npy`, Parquet or Arrow with ids) replace the encoding: they are
+matched to the passages by id into one (N, D) file in the work folder and indexed from there, by
+passes that read the file in chunks (peak memory bounded whatever N is).
+
 Building is resumable. Work happens in `.{out}.build-{fingerprint}` beside the output folder: the
 passage store first, then the embeddings in shards of `IndexConfig.shard_size` passages, each shard
 saved atomically as soon as it is encoded. A rerun with the same configs and corpus finds the folder
@@ -21,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,13 +35,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rag.config import CorpusConfig, EncoderConfig, IndexConfig, from_dict, to_dict
+from rag.config import CorpusConfig, EncoderConfig, GivenEmbeddings, IndexConfig, from_dict, to_dict
 from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages
 from rag.encoders import Encoder, load_encoder, passage_text
-from rag.index import DenseIndex
+from rag.index import DenseIndex, check_buildable, link_or_copy, store_dtype
 from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
 from rag.store import PassageStore, write_passage_store
+from rag.vectors import EmbeddingsError, EmbeddingsFile, align_embeddings, open_embeddings
 
 FORMAT = "rag-knowledge-base"
 VERSION = 1
@@ -58,6 +64,7 @@ class KnowledgeBaseInfo:
     shards_reused: int  # shards found finished from an interrupted earlier run
     seconds: float
     fingerprint: str
+    peak_rss_bytes: int = 0  # the building process's peak resident memory (ru_maxrss)
 
 
 class KnowledgeBase(NamedTuple):
@@ -87,8 +94,9 @@ def sources_signature(corpus: CorpusConfig, encoder: EncoderConfig) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig) -> str:
-    """A hash of the configs and of the corpus and encoder files (names, sizes, mtimes)."""
+def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig,
+                given: GivenEmbeddings | None = None) -> str:  # fmt: skip
+    """A hash of the configs and of the corpus, encoder and given embeddings files (names, sizes, mtimes)."""
     source = wiki_summaries_path() if corpus.source.startswith(BUILTIN_PREFIX) else Path(corpus.source)
     key = {
         "version": VERSION,
@@ -100,6 +108,8 @@ def fingerprint(corpus: CorpusConfig, encoder: EncoderConfig, index: IndexConfig
         "encoder_files": _files_signature(resolve_path(encoder.path), "encoder"),
         "passage_text": passage_text("T", "x"),
     }
+    if given is not None:
+        key["given"] = {**to_dict(given), "files": _files_signature(Path(given.path), "embeddings file")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -126,11 +136,16 @@ def build_knowledge_base(
     out_dir: Path | str,
     progress: bool = True,
     device: str = "cpu",
+    given: GivenEmbeddings | None = None,
 ) -> KnowledgeBaseInfo:
-    """Build (or finish an interrupted build of) the knowledge base in `out_dir`."""
+    """Build (or finish an interrupted build of) the knowledge base in `out_dir`.
+
+    given: index these embeddings (matched to the passages by id) instead of encoding the corpus;
+    `encoder` then names the d(z) that made them (its dim is checked; q(x) defaults to it).
+    """
     out_dir = Path(out_dir).resolve()
     with build_lock(out_dir):
-        return _build(corpus, encoder, index, out_dir, progress, device)
+        return _build(corpus, encoder, index, out_dir, progress, device, given)
 
 
 def _build(
@@ -140,6 +155,7 @@ def _build(
     out_dir: Path,
     progress: bool,
     device: str,
+    given: GivenEmbeddings | None = None,
 ) -> KnowledgeBaseInfo:
     start = time.perf_counter()
     if encoder.scale != 1.0:
@@ -150,16 +166,31 @@ def _build(
         raise ValueError(
             "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"
         )
-    fp = fingerprint(corpus, encoder, index)
+    source = open_embeddings(given.path, given.id_column, given.vector_column) if given else None
+    fp = fingerprint(corpus, encoder, index, given)
     work = work_dir_for(out_dir, fp)
     store, counts = _passage_store(corpus, work)
     if len(store) == 0:
         raise ValueError(f"{corpus.source}: the corpus has no passages")
     d_z = load_encoder(encoder, device)
-    shards, reused = _encode_shards(store, d_z, encoder.batch_size, index.shard_size, work, progress)
+    check_buildable(index, len(store), d_z.dim)
+    shards, reused = [], 0
+    if source is None:
+        shards, reused = _encode_shards(store, d_z, encoder.batch_size, index.shard_size, work, progress)
+    else:
+        if source.dim != d_z.dim:
+            raise EmbeddingsError(f"{source.path}: vectors of dim {source.dim}, the passage encoder {encoder.path} "
+                                  f"makes {d_z.dim}; name the encoder that made them (--encoder)")  # fmt: skip
+        if source.rows is not None and source.rows != len(store):
+            raise EmbeddingsError(f"{source.path}: {source.rows} vectors, the corpus has {len(store)} passages")
+    del d_z
     with atomic_dir(out_dir) as tmp:
-        built = DenseIndex.build_from_shards(shards, index, tmp / INDEX_DIR)
-        _link_or_copy(work / PASSAGES_FILE, tmp / PASSAGES_FILE)
+        if source is None:
+            built = DenseIndex.build_from_shards(shards, index, tmp / INDEX_DIR, progress=progress)
+        else:
+            aligned = _aligned_embeddings(source, store, index, work, progress)
+            built = DenseIndex.build_from_file(aligned, index, tmp / INDEX_DIR, work / "index-stages", progress)
+        link_or_copy(work / PASSAGES_FILE, tmp / PASSAGES_FILE)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -175,14 +206,33 @@ def _build(
             "sources": sources_signature(corpus, encoder),
             "build_seconds": round(time.perf_counter() - start, 3),
         }
+        if given is not None:
+            meta["given_embeddings"] = to_dict(given)
         del built  # release the memory map before the folder is renamed
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     for stale in out_dir.parent.glob(f".{out_dir.name}.build-*"):  # ours, and older configs' leftovers
         shutil.rmtree(stale, ignore_errors=True)
     return KnowledgeBaseInfo(
         out_dir, len(store), counts["documents"], counts["skipped"], meta["dim"],
-        len(shards), reused, time.perf_counter() - start, fp,
+        len(shards), reused, time.perf_counter() - start, fp, peak_rss_bytes(),
     )  # fmt: skip
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _aligned_embeddings(source: EmbeddingsFile, store: PassageStore, index: IndexConfig, work: Path,
+                        progress: bool) -> Path:  # fmt: skip
+    """The given vectors in store order and the index's dtype, written once into the work folder
+    (embeddings.json marks it finished); a .npy already in that dtype is used where it is."""
+    marker, out = work / "embeddings.json", work / "embeddings.npy"
+    if marker.is_file():
+        return Path(json.loads(marker.read_text(encoding="utf-8"))["path"])
+    aligned = align_embeddings(source, store, out, store_dtype(index), progress)
+    atomic_write_text(marker, json.dumps({"path": str(aligned.path), "linked": aligned.linked}))
+    return aligned.path
 
 
 def _passage_store(corpus: CorpusConfig, work: Path) -> tuple[PassageStore, dict[str, int]]:
@@ -241,14 +291,6 @@ def _shard_ok(path: Path, rows: int, dim: int) -> bool:
         return np.load(path, mmap_mode="r").shape == (rows, dim)
     except (ValueError, OSError):
         return False
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # A hard link avoids copying a multi-GB store; the work folder's name goes when it is removed.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def open_knowledge_base(path: Path | str) -> KnowledgeBase:

@@ -227,3 +227,41 @@ def test_nan_embeddings_are_reported() -> None:
     x[5] = np.nan
     with pytest.raises(DenseIndexError, match="NaN"):
         DenseIndex.build(x, IndexConfig()).search(np.ones((2, 4), np.float32), 3)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [IndexConfig(kind="flat"), IndexConfig(kind="hnsw", hnsw_m=16),
+     IndexConfig(kind="ivfpq", ivf_lists=32, pq_subquantizers=8, nprobe=32, rerank_factor=300),
+     IndexConfig(kind="factory", factory="IVF16,Flat", nprobe=16)],
+    ids=["flat", "hnsw", "ivfpq", "factory"],
+)  # fmt: skip
+def test_live_mask_searches_as_if_the_dead_rows_were_removed(config: IndexConfig) -> None:
+    x, q = clustered(3000, 32, 20, seed=9)
+    live = np.random.default_rng(9).random(3000) > 0.3
+    live[np.argsort(-(q @ x.T), axis=1)[:, :3].reshape(-1)] = False  # the true winners are deleted
+    index = DenseIndex.build(x, config)
+    res = index.search(q, 10, live=live)
+    assert live[res.rows].all()
+    kept = np.flatnonzero(live)
+    if config.kind in ("flat", "ivfpq", "factory"):  # exhaustive here (every list probed): exact
+        stored = index.embeddings(np.arange(3000))  # float16 for ivfpq: the reference scores those
+        ref = DenseIndex.build(stored[kept], IndexConfig(kind="flat")).search(q, 10)
+        np.testing.assert_array_equal(res.rows, kept[ref.rows])
+        np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-3, atol=1e-3)
+    else:
+        truth, _ = brute_topk(x[kept], q, 10)
+        assert recall_at(res.rows, kept[truth]) >= 0.95
+    with pytest.raises(DenseIndexError, match=r"k must be an int in \[1, 2\]"):
+        index.search(q, 3, live=np.arange(3000) < 2)
+
+
+def test_flat_live_mask_with_fewer_live_rows_than_a_block() -> None:
+    x = np.random.default_rng(10).standard_normal((5000, 8)).astype(np.float32)
+    q = np.random.default_rng(11).standard_normal((4, 8)).astype(np.float32)
+    live = np.zeros(5000, bool)
+    live[[7, 4999, 2500]] = True
+    for b in (1, 4):
+        res = exact_search(x, q[:b], 3, block_rows=1024, live=live)
+        assert sorted(res.rows[0].tolist()) == [7, 2500, 4999]
+        assert np.isfinite(res.scores).all()

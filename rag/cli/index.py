@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rag.config import DEFAULT_CORPUS, DEFAULT_ENCODER, CorpusConfig, EncoderConfig, IndexConfig
+from rag.config import (
+    DEFAULT_CORPUS,
+    DEFAULT_ENCODER,
+    CorpusConfig,
+    EncoderConfig,
+    GivenEmbeddings,
+    IndexConfig,
+)
 from rag.knowledge import META_FILE, build_knowledge_base, open_knowledge_base
 
 
@@ -37,6 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--batch-size", type=int, default=EncoderConfig.batch_size)
     build.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "factory"])
     build.add_argument("--factory", default="", help="FAISS index_factory string (with --index factory)")
+    build.add_argument("--ivf-lists", type=int, default=0, help="ivfpq: inverted lists (0: about 4 sqrt(N))")
+    build.add_argument("--pq", type=int, default=0, help="ivfpq: PQ sub-quantizers, bytes per code (0: D / 4)")
+    build.add_argument("--ondisk-lists", action="store_true",
+                       help="IVF kinds: inverted lists memory-mapped from disk instead of held in RAM")
+    build.add_argument("--embeddings", default="",
+                       help="index these passage vectors instead of encoding: .npy (row i = passage i), or "
+                            "Parquet/Arrow with an id and a vector column (HF wiki_dpr layout)")
+    build.add_argument("--embeddings-id-column", default="id", help="id column of a Parquet/Arrow --embeddings")
+    build.add_argument("--embeddings-column", default="",
+                       help="vector column of a Parquet/Arrow --embeddings (default: embeddings, embedding, vector)")
     build.add_argument(
         "--shard-size", type=int, default=IndexConfig.shard_size, help="passages per resumable shard"
     )
@@ -83,8 +100,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[CorpusConfig, EncoderCo
         path=args.encoder, kind=args.encoder_kind, pooling=args.pooling, max_length=args.max_length,
         batch_size=args.batch_size, dtype=args.dtype,
     )  # fmt: skip
-    index = IndexConfig(kind=args.index, factory=args.factory, shard_size=args.shard_size)
+    for name in ("ivf_lists", "pq"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    index = IndexConfig(kind=args.index, factory=args.factory, shard_size=args.shard_size,
+                        ivf_lists=args.ivf_lists, pq_subquantizers=args.pq, ondisk_lists=args.ondisk_lists)  # fmt: skip
     return corpus, encoder, index
+
+
+def given_from_args(args: argparse.Namespace) -> GivenEmbeddings | None:
+    if not args.embeddings:
+        return None
+    return GivenEmbeddings(args.embeddings, args.embeddings_id_column, args.embeddings_column)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -92,12 +119,17 @@ def run_build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.retriever == "bm25" and (out / META_FILE).is_file():
         return _add_bm25(out, corpus, not args.no_progress)
-    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress)
+    given = given_from_args(args)
+    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress, given=given)
     rate = info.passages / info.seconds if info.seconds > 0 else float("inf")
     print(f"built {info.path}: {info.passages} passages from {info.documents} documents, dim {info.dim}, "
           f"{index.kind} index")  # fmt: skip
-    print(f"  {info.seconds:.1f} s ({rate:.0f} passages/s); shards {info.shards}, "
-          f"{info.shards_reused} reused from an interrupted build")  # fmt: skip
+    if given is not None:
+        print(f"  {info.seconds:.1f} s ({rate:.0f} passages/s), vectors given by {given.path}")
+    else:
+        print(f"  {info.seconds:.1f} s ({rate:.0f} passages/s); shards {info.shards}, "
+              f"{info.shards_reused} reused from an interrupted build")  # fmt: skip
+    print(f"  peak RSS {info.peak_rss_bytes / 2**30:.2f} GiB")
     if info.skipped_records:
         print(f"  {info.skipped_records} bad records skipped (--skip-bad-records)")
     return _add_bm25(out, corpus, not args.no_progress) if args.retriever == "bm25" else 0

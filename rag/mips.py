@@ -1,0 +1,145 @@
+"""Exact maximum inner product search as pure numpy functions.
+
+- `topk_rows`: per-row top-k of a score matrix;
+- `exact_search`: blocked exact MIPS of queries against an (N, D) matrix, rows masked out by `live`
+  never returned (a deleted passage of a live-updated knowledge base);
+- `rerank`: exact re-ranking of an approximate index's candidates;
+- `merge_topk`: the exact merge of per-part top-k lists (shards, update segments) into one top-k.
+
+Ties are broken by the lower row everywhere, so a search split over parts returns what one search
+over the concatenated rows returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_SCORE_BLOCK_BYTES = 64 << 20  # the (B, rows) score block of a batched exact search
+
+
+class DenseIndexError(ValueError):
+    """A bad index folder, a bad query or a bad build input; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rows: np.ndarray  # (B, K) int64, best first
+    scores: np.ndarray  # (B, K) float32, q . d(z) of the stored embeddings
+
+
+def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row top-k of scores (b, n), best first -> rows (b, k) int64, values (b, k).
+
+    A full argpartition costs about as much as the matrix product that made the scores, so we first
+    find a threshold that at least k entries of each row reach: split the row into k chunks and take
+    the smallest of the k chunk maxima. Only the few entries above it (tens for k = 10) are sorted;
+    max, compare and flatnonzero are single vectorised passes.
+    """
+    b, n = scores.shape
+    if 8 * k > n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (b, 1))
+        vals = np.take_along_axis(scores, part, 1)
+        order = np.lexsort((part, -vals), axis=1)  # best first, then the lower row
+        return np.take_along_axis(part, order, 1).astype(np.int64), np.take_along_axis(vals, order, 1)
+    m = n // k
+    thr = scores[:, : m * k].reshape(b, k, m).max(axis=2).min(axis=1)  # (b,)
+    flat = np.flatnonzero(scores >= thr[:, None])  # candidates, row-major
+    row, col = np.divmod(flat, n)
+    vals = scores.reshape(-1)[flat]
+    counts = np.bincount(row, minlength=b)
+    if counts.min() < k:  # only NaN scores can break the bound
+        raise DenseIndexError("search: scores contain NaN (are the embeddings or queries finite?)")
+    order = np.lexsort((-vals, row))  # by row, then best first (stable: the lower column first)
+    take = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]  # (b, k)
+    return col[take].astype(np.int64), vals[take]
+
+
+def exact_search(
+    matrix: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    block_rows: int = 0,
+    query_chunk: int = 256,
+    live: np.ndarray | None = None,
+) -> SearchResult:
+    """Exact MIPS top-k of queries (B, D) float32 against matrix (N, D), streaming over row blocks.
+
+    One query: a matrix-vector product per block (memory-bound sgemv). Several: a matrix product per
+    (query chunk, row block) into one reused score buffer (compute-bound sgemm), so memory stays
+    bounded by query_chunk * block_rows scores whatever N and B are. live (N,) bool: rows that may
+    be returned (None: all); a dead row scores -inf, and so do the slots of a result with fewer than
+    k live rows (the caller checks k against the live count).
+    """
+    n, b = matrix.shape[0], queries.shape[0]
+    qc = min(b, query_chunk)
+    if block_rows <= 0:
+        block_rows = max(4096, _SCORE_BLOCK_BYTES // (4 * qc))
+    buf = np.empty(qc * min(block_rows, n), np.float32) if b > 1 else None
+    best_r = np.zeros((b, 0), np.int64)  # running top-k (B, <=K)
+    best_s = np.zeros((b, 0), np.float32)
+    for start in range(0, n, block_rows):
+        block = matrix[start : start + block_rows]
+        if block.dtype != np.float32:
+            block = block.astype(np.float32)
+        nb, kb = block.shape[0], min(k, block.shape[0])
+        dead = None if live is None else np.flatnonzero(~live[start : start + nb])
+        r, s = np.empty((b, kb), np.int64), np.empty((b, kb), np.float32)
+        if buf is None:
+            scores = np.dot(block, queries[0])[None]  # (1, n_b) sgemv
+            if dead is not None:
+                scores[:, dead] = -np.inf
+            r[:], s[:] = topk_rows(scores, kb)
+        for q0 in range(0, b if buf is not None else 0, qc):
+            q = queries[q0 : q0 + qc]
+            out = buf[: q.shape[0] * nb].reshape(q.shape[0], nb)  # contiguous view of the reused buffer
+            np.matmul(q, block.T, out=out)  # (qc, n_b) sgemm
+            if dead is not None:
+                out[:, dead] = -np.inf
+            r[q0 : q0 + qc], s[q0 : q0 + qc] = topk_rows(out, kb)
+        best_r = np.concatenate([best_r, r + start], axis=1)
+        best_s = np.concatenate([best_s, s], axis=1)
+        if best_s.shape[1] > k:
+            best_r, best_s = _best(best_r, best_s, k)
+    return SearchResult(best_r, best_s)
+
+
+def _best(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of each row of a few candidates (b, c), best first, ties to the lower row."""
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def merge_topk(parts: Sequence[SearchResult], offsets: Sequence[int], k: int) -> SearchResult:
+    """The exact top-k over several parts' top-k lists: part i's rows are shifted by offsets[i] into
+    one row space, then the best k of the union are kept (ties to the lower row).
+
+    Exact because each part returned its own best k: the global top k holds at most k rows of any
+    one part, and those are that part's best. Slots scoring -inf (a part with fewer live rows than
+    k) sort last and are returned only when fewer than k live rows exist in all.
+    """
+    if not parts:
+        raise DenseIndexError("merge_topk: no parts to merge")
+    rows = np.concatenate([p.rows + off for p, off in zip(parts, offsets, strict=True)], axis=1)  # (B, sum K_i)
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    rows, scores = _best(rows, scores, k)
+    return SearchResult(rows.astype(np.int64), scores.astype(np.float32))
+
+
+def rerank(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
+    """Exact re-ranking of candidate rows (B, C) (-1 = none) by q . d(z); keep the best k."""
+    valid = candidates >= 0
+    safe = np.where(valid, candidates, 0)
+    scores = np.empty(candidates.shape, np.float32)  # (B, C)
+    for start in range(0, queries.shape[0], 256):  # bounds the (b, C, D) gather
+        rows = safe[start : start + 256]
+        emb = np.asarray(matrix[rows.reshape(-1)], dtype=np.float32).reshape(*rows.shape, -1)
+        scores[start : start + 256] = np.einsum("bd,bcd->bc", queries[start : start + 256], emb)
+    scores[~valid] = -np.inf
+    order = np.lexsort((safe, -scores), axis=1)[:, :k]
+    out = np.take_along_axis(scores, order, 1)
+    if not np.isfinite(out).all():
+        raise DenseIndexError(f"the index proposed fewer than k={k} candidates for some queries")
+    return SearchResult(np.take_along_axis(safe, order, 1).astype(np.int64), out)
