@@ -34,22 +34,38 @@ def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a predictions file; a torn last line (an interrupted write) is dropped
-    and cut off the file, so that appending continues on a clean line."""
+    """Every complete line of a predictions file (a torn last line, from an interrupted write, is
+    left out; `drop_torn_line` cuts it off before a run appends). Reading never changes the file."""
     if not path.exists():
         return []
     raw = path.read_bytes()
-    keep = raw.rfind(b"\n") + 1
-    if keep < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
     records = []
-    for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(raw[: raw.rfind(b"\n") + 1].splitlines(), start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from err
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"{path}, line {number}: not a prediction record (a JSON object with an id)")
+        records.append(record)
     return records
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a torn last line (an interrupted write) off the run's own predictions file, so that
+    appending continues on a clean line; only ever called on a run folder that is this run's."""
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+        keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= (1 << 20) else None)
+        if keep is None:
+            raise ValueError(f"{path}: last line is over 1 MiB without a newline; not a predictions file")
+        if keep < size:
+            f.truncate(keep)
 
 
 def check_run(out_dir: Path, identity: dict[str, Any]) -> None:

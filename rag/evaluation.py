@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rag import decoding
 from rag import metrics as MT
 from rag.config import EvalConfig, MetricKind
-from rag.eval_store import check_run, read_predictions, run_identity
+from rag.eval_store import check_run, drop_torn_line, read_predictions, run_identity
 from rag.io import atomic_write_text
 from rag.tasks import Example
 
@@ -297,6 +297,7 @@ def evaluate_many(
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             check_run(out_dir, run_identity(config, task or {}, generator, retriever))
+            drop_torn_line(out_dir / "predictions.jsonl")
             done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
             sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))
             states.append(_Run(config, out_dir, done, sink))

@@ -5,7 +5,8 @@
                           "train": TrainConfig}
       query_encoder/     q(x): transformers folder (model.safetensors, config.json, tokenizer)
       generator/         the generator: transformers folder (model.safetensors, config.json, tokenizer)
-      trainer_state.pt   optimiser and schedule state, torch RNG state, step
+      trainer_state.safetensors + trainer_state.json   optimiser and schedule state, torch RNG state,
+                         step (rag.tensor_state: data only, nothing in a checkpoint can run code)
       passage_encoder/   only when d(z) is trained (rag.passage_training): the trained d(z)
       knowledge_base/    ... and the knowledge base as it was at this step (its index's stored d(z))
 
@@ -41,13 +42,15 @@ from rag.io import atomic_dir
 from rag.knowledge import open_knowledge_base, save_knowledge_base
 from rag.model import RagModel
 from rag.retriever import Retriever
+from rag.tensor_state import load_state, save_state, state_files
 
 __all__ = ["checkpoint_rag_config", "is_training_checkpoint", "load_rag_model", "load_trainer_state",
            "read_checkpoint_config", "save_checkpoint"]  # fmt: skip
 
 FORMAT = CHECKPOINT_FORMAT
 CONFIG_FILE = CHECKPOINT_CONFIG_FILE
-STATE_FILE = "trainer_state.pt"
+STATE_NAME = "trainer_state"  # trainer_state.safetensors + trainer_state.json
+PICKLED_STATE_FILE = "trainer_state.pt"  # what versions before the safe format wrote; never unpickled
 PASSAGE_ENCODER_DIR = "passage_encoder"
 KNOWLEDGE_DIR = CHECKPOINT_KNOWLEDGE_DIR
 
@@ -87,7 +90,7 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        torch.save(state, tmp / STATE_FILE)
+        save_state(state, tmp / STATE_NAME)
         rag = _saved_rag_config(model, config)
         train = dataclasses.replace(config, rag=rag)
         meta = {"format": FORMAT, "step": step, "rag": to_dict(rag), "train": to_dict(train)}
@@ -122,8 +125,24 @@ def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim
         _load_weights(model.passage_encoder.model, path / PASSAGE_ENCODER_DIR / "model.safetensors")
         kb = open_knowledge_base(path / KNOWLEDGE_DIR)  # the index as it was at this step
         model.retriever = Retriever(kb.index, kb.passages, model.query_encoder)
-    state = torch.load(path / STATE_FILE, weights_only=False)
+    state = _read_trainer_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    tensor_file, json_file = state_files(path / STATE_NAME)
+    if not tensor_file.exists() and (path / PICKLED_STATE_FILE).exists():
+        raise ValueError(
+            f"{path / PICKLED_STATE_FILE}: a trainer state written by an older version as a pickle, which is "
+            "never loaded (unpickling can run code); its weights still load (rag ask --checkpoint), but "
+            "--resume needs a checkpoint written by this version"
+        )
+    state = load_state(path / STATE_NAME)
+    expected = {"step": int, "optimizer": dict, "scheduler": dict, "torch_rng": torch.Tensor}
+    for key, kind in expected.items():
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+            raise ValueError(f"{json_file}: field {key!r}: missing or not a {kind.__name__}")
+    return state
