@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recall", type=int, default=1000, help="questions per set for recall@k (the reported sample)")
     p.add_argument("--tune", type=int, default=1000, help="dev questions per set the fusion is chosen on")
-    p.add_argument("--cell", type=int, default=150, help="questions per exact-match cell")
+    p.add_argument("--cell", type=int, default=120, help="questions per exact-match cell")
     p.add_argument("--fever", type=int, default=300, help="Climate-FEVER claims")
     p.add_argument("--speed-questions", type=int, default=1024)
     p.add_argument("--speed-batch", type=int, default=64)
