@@ -28,9 +28,9 @@ import numpy as np
 
 from rag.config import BM25Config, from_dict, to_dict
 from rag.encoders import passage_text
-from rag.index import topk_rows
 from rag.io import atomic_dir, atomic_write_text, read_format_json
 from rag.knowledge import META_FILE, PASSAGES_FILE, build_lock
+from rag.mips import topk_rows
 from rag.store import PassageStore
 
 FORMAT = "rag-bm25-index"

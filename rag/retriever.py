@@ -26,8 +26,9 @@ from rag.bm25 import BM25Index, open_bm25_index
 from rag.config import EncoderConfig, FusionConfig, RetrieverConfig
 from rag.encoders import Encoder, inspect_encoder_dir, load_encoder
 from rag.fusion import Candidates, fuse, load_fusion, union_candidates
-from rag.index import DenseIndex, topk_rows
+from rag.index import DenseIndex
 from rag.knowledge import encoder_config, open_knowledge_base
+from rag.mips import topk_rows
 from rag.store import PassageStore
 
 
