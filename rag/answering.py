@@ -7,18 +7,28 @@ p(z|x), posterior p(z|x,y) and (RAG-Token) the per-token posteriors p(z_i|x,y_<=
     asker = Asker.load(rag_model_config(), DecodingConfig(num_beams=1))
     answers = asker.ask_many(["What is the capital of Angola?", "Who wrote Hamlet?"])  # one batch
     print(answer_dict(answers[0]))
+    for event in asker.stream_many(["What is the capital of Angola?"]):  # Retrieval, then tokens
+        ...
+
+Streaming (`stream_many`) hands out the retrieved passages first, then each generated token with
+its passage posterior p(z_i|x,y_<=i) and the running p(z|x,y_<=i), and finally returns the answers
+`ask_many` gives. RAG-Token greedy streams token by token as the decoder produces them; beam search
+and RAG-Sequence only know their answer at the end, so their tokens come out together after it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from collections.abc import Generator as Stream
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rag.config import DecodingConfig, GeneratorConfig, RagConfig
 from rag.generators.loading import generator_dtype
+from rag.marginalize import doc_logprior
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,29 @@ class Answer:
     tokens: list[TokenEvidence]  # empty for RAG-Sequence
 
 
+@dataclass(frozen=True)
+class Retrieval:
+    """What a stream hands out first: each question's passages, posterior = prior (nothing generated)."""
+
+    passages: list[list[Evidence]]  # (B, K)
+
+
+@dataclass(frozen=True)
+class StreamedToken:
+    """One generated token of question `question` (its index in the batch)."""
+
+    question: int
+    step: int  # position i in the answer, from 0
+    token_id: int
+    token: str  # the token's text, as in Answer.tokens
+    text: str  # the answer so far, decoded as Answer.answer is (a stream's text grows by its differences)
+    posterior: list[float] | None  # (K,) p(z_i|x,y_<=i) (RAG-Token); None for RAG-Sequence
+    running: list[float] | None  # (K,) p(z|x,y_<=i) over the answer so far; None after the fact
+
+
+StreamEvent = Retrieval | list[StreamedToken]  # a list: the tokens of one decoding step
+
+
 def answer_dict(answer: Answer) -> dict[str, Any]:
     """The answer as JSON-ready data: `rag ask --json` prints it, the server's /v1/answer returns it."""
     return asdict(answer)
@@ -90,6 +123,26 @@ class Asker:
             raise ValueError(f"-k {rag_config.k} exceeds the {len(model.retriever.index)} passages of the knowledge base")
         return cls(model, config or DecodingConfig())
 
+    def with_settings(self, kind: str | None = None, k: int | None = None,
+                      config: DecodingConfig | None = None) -> Asker:
+        """The same loaded model answering with another kind, k or decoding (nothing is copied but the
+        model's Python object; encoders, index and generator are shared)."""
+        kind, k = kind or self.model.kind, k or self.model.k
+        if kind not in ("token", "sequence"):
+            raise ValueError(f"kind must be 'token' or 'sequence', got {kind!r}")
+        if not 1 <= k <= len(self.model.retriever.index):
+            raise ValueError(f"k must be in 1..{len(self.model.retriever.index)} (the knowledge base's passages), got {k}")
+        model = self.model
+        if (kind, k) != (model.kind, model.k):
+            model = copy.copy(model)  # nn.Module: the copy shares the submodules
+            model.kind, model.k = kind, k
+        return Asker(model, config or self.config)
+
+    @property
+    def streams_tokens(self) -> bool:
+        """Whether stream_many hands out tokens while decoding (RAG-Token greedy) or after it."""
+        return self.model.kind == "token" and self.config.num_beams == 1 and self.config.num_return_sequences == 1
+
     def ask(self, question: str) -> Answer:
         return self.ask_many([question])[0]
 
@@ -100,6 +153,37 @@ class Asker:
         result = self.model.generate(questions, self.config)
         return self.answers(questions, result, time.perf_counter() - start)
 
+    def stream_many(self, questions: list[str]) -> Stream[StreamEvent, None, list[Answer]]:
+        """The Retrieval, then the tokens of each decoding step; returns the answers ask_many gives."""
+        questions = _checked(questions)
+        start = time.perf_counter()
+        if not self.streams_tokens:
+            answers = self.ask_many(questions)
+            yield Retrieval([[replace(p, posterior=p.prior) for p in a.passages] for a in answers])
+            for i in range(max(len(a.token_ids) for a in answers)):
+                yield [StreamedToken(b, i, a.token_ids[i], self.token_text(a.token_ids[i]), self.text(a.token_ids[: i + 1]),
+                                     a.tokens[i].posterior if a.tokens else None, None)
+                       for b, a in enumerate(answers) if i < len(a.token_ids)]  # fmt: skip
+            return answers
+        retrieved = self.model.retriever.retrieve(questions, self.model.k)
+        prior = doc_logprior(retrieved.scores).exp().tolist()  # (B, K), as the decoding computes it
+        yield Retrieval([_evidence(retrieved, b, prior[b], prior[b]) for b in range(len(questions))])
+        steps = self.model.generate_stream(questions, retrieved, self.config)
+        so_far: list[list[int]] = [[] for _ in questions]
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as done:
+                return self.answers(questions, done.value, time.perf_counter() - start)
+            tokens, per_token = step.tokens.tolist(), step.token_doc_logposterior.exp().tolist()  # (B,), (B, K)
+            running = step.doc_logposterior.exp().tolist()  # (B, K)
+            generated = step.generated.nonzero().flatten().tolist()
+            for b in generated:
+                so_far[b].append(tokens[b])
+            yield [StreamedToken(b, step.step, tokens[b], self.token_text(tokens[b]), self.text(so_far[b]),
+                                 [round(p, 6) for p in per_token[b]], [round(p, 6) for p in running[b]])
+                   for b in generated]  # fmt: skip
+
     def answers(self, questions: list[str], result, seconds: float) -> list[Answer]:
         """The Answer of each question from a batched rag.model.RagAnswer."""
         return [self._answer(questions[b], result, b, seconds) for b in range(len(questions))]
@@ -109,18 +193,7 @@ class Asker:
         prior = gen.doc_logprior[b].exp().tolist()  # (K,)
         has_answer = bool(gen.sequences[b]) and bool(gen.sequences[b][0])
         posterior = gen.doc_logposterior[b, 0].exp().tolist() if has_answer else prior  # (K,)
-        passages = [
-            Evidence(
-                rank=z + 1,
-                id=retrieved.ids[b][z],
-                title=retrieved.titles[b][z],
-                text=retrieved.texts[b][z],
-                score=float(retrieved.scores[b, z]),
-                prior=prior[z],
-                posterior=posterior[z],
-            )
-            for z in range(len(prior))
-        ]
+        passages = _evidence(retrieved, b, prior, posterior)
         log_prob = float(gen.scores[b, 0]) if has_answer else None
         return Answer(
             question=question,
@@ -147,6 +220,39 @@ class Asker:
 
     def token_text(self, token: int) -> str:
         return self.model.generator.tokenizer.decode([token])
+
+    def text(self, token_ids: list[int]) -> str:
+        return self.model.generator.decode(token_ids)
+
+
+def _evidence(retrieved, b: int, prior: list[float], posterior: list[float]) -> list[Evidence]:
+    """Question b's passages (rag.retriever.Retrieved) with their prior and posterior (K,)."""
+    return [
+        Evidence(
+            rank=z + 1,
+            id=retrieved.ids[b][z],
+            title=retrieved.titles[b][z],
+            text=retrieved.texts[b][z],
+            score=float(retrieved.scores[b, z]),
+            prior=prior[z],
+            posterior=posterior[z],
+        )
+        for z in range(len(prior))
+    ]
+
+
+def search_hits(retrieved, b: int) -> list[dict[str, Any]]:
+    """Query b's passages as `rag search --json` and the server's /v1/search write them."""
+    return [
+        {
+            "rank": rank + 1,
+            "score": float(retrieved.scores[b, rank]),  # the logit of p(z|x)
+            "id": retrieved.ids[b][rank],
+            "title": retrieved.titles[b][rank],
+            "text": retrieved.texts[b][rank],
+        }
+        for rank in range(retrieved.k)
+    ]
 
 
 def _checked(questions: list[str]) -> list[str]:

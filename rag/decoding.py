@@ -19,6 +19,7 @@ forced BOS / EOS) so that generated sequences equal the reference implementation
 
 from __future__ import annotations
 
+from collections.abc import Generator as Stream
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -136,8 +137,19 @@ def _gather(t: Tensor, index: Tensor) -> Tensor:
     return torch.take_along_dim(t, index.view(index.shape + (1,) * (t.dim() - 2)), dim=1)
 
 
-def _greedy(stepper: _Stepper, rules: _Rules) -> _Found:
-    """transformers' greedy search: argmax, pad after eos, stop when every row has ended."""
+@dataclass(frozen=True)
+class _GreedyStep:
+    """One step of greedy search over G groups, handed out before the next forward is run."""
+
+    step: int
+    tokens: Tensor  # (G,) chosen token (pad where the group had ended before this step)
+    generated: Tensor  # (G,) bool: the group produced tokens[g] at this step (eos included)
+    doc_logprobs: Tensor  # (G, block) log p(y_i | x, z, y_<i) of the chosen token per block row
+
+
+def _greedy_steps(stepper: _Stepper, rules: _Rules) -> Stream[_GreedyStep, None, _Found]:
+    """transformers' greedy search: argmax, pad after eos, stop when every row has ended. Yields each
+    step as soon as its tokens are chosen (streaming); the generator's return value is the _Found."""
     marg, per_doc = stepper.first()  # (G, V), (G, block, V)
     groups, block, L = marg.shape[0], per_doc.shape[1], rules.max_new
     rows = torch.arange(groups, device=marg.device)
@@ -151,11 +163,21 @@ def _greedy(stepper: _Stepper, rules: _Rules) -> _Found:
         logprob += torch.where(alive, marg[rows, tok], 0.0)
         doc[:, :, step] = torch.where(alive[:, None], per_doc[rows, :, tok], 0.0)
         lengths += alive.long()
+        yield _GreedyStep(step, tok, alive.clone(), doc[:, :, step])
         alive &= tok != rules.eos
         if not alive.any() or step + 1 == L:
             break
         marg, per_doc = stepper.advance(rows, tok)
     return _Found(tokens[:, None], lengths[:, None], logprob[:, None], logprob[:, None], doc[:, None])
+
+
+def _greedy(stepper: _Stepper, rules: _Rules) -> _Found:
+    steps = _greedy_steps(stepper, rules)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
@@ -258,6 +280,13 @@ def rag_token_generate(gen: Any, prefix: Prefix, doc_logprior: Tensor, config: D
     if ret > config.num_beams:
         raise ValueError(f"num_return_sequences ({ret}) must be <= num_beams ({config.num_beams})")
     found = _search(gen, prefix, batch, docs, doc_logprior, config, options)
+    return _token_generation(found, doc_logprior, config)
+
+
+def _token_generation(found: _Found, doc_logprior: Tensor, config: DecodingConfig) -> Generation:
+    """RAG-Token's Generation from the search's R best of B groups: passage and per-token posteriors."""
+    batch, docs = doc_logprior.shape
+    ret = config.num_return_sequences
     doc_lp = found.doc_logprobs[:, :ret]  # (B, R, K, L)
     lengths = found.lengths[:, :ret]  # (B, R)
     passage = doc_lp.sum(-1)  # (B, R, K) log p(y|x,z)
@@ -272,6 +301,38 @@ def rag_token_generate(gen: Any, prefix: Prefix, doc_logprior: Tensor, config: D
         doc_logposterior=torch.log_softmax(doc_logprior[:, None] + passage, dim=-1),
         token_doc_logposterior=per_token.view(batch, ret, -1, docs),
     )
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One step of streamed RAG-Token greedy decoding for B questions (rag_token_greedy_stream)."""
+
+    step: int  # i, from 0
+    tokens: Tensor  # (B,) the token each question chose at step i (pad where it had already ended)
+    generated: Tensor  # (B,) bool: question b generated tokens[b] at step i (its eos included)
+    token_doc_logposterior: Tensor  # (B, K) log p(z_i | x, y_<=i): this token's passage posterior (Figure 2)
+    doc_logposterior: Tensor  # (B, K) log p(z | x, y_<=i): Bayes over the passages given the answer so far
+
+
+@torch.no_grad()
+def rag_token_greedy_stream(gen: Any, prefix: Prefix, doc_logprior: Tensor, config: DecodingConfig,
+                            options: SearchOptions = SearchOptions()) -> Stream[TokenStep, None, Generation]:
+    """RAG-Token greedy decoding, one TokenStep per generated position, each handed out before the next
+    forward runs; returns the Generation, which equals rag_token_generate's (the same search loop)."""
+    if config.num_beams != 1 or config.num_return_sequences != 1:
+        raise ValueError("streaming decodes greedily: num_beams and num_return_sequences must be 1")
+    batch, docs = doc_logprior.shape
+    steps = _greedy_steps(_Stepper(gen, prefix, batch, docs, doc_logprior), _rules(gen, config, options))
+    answered = doc_logprior.new_zeros(batch, docs)  # (B, K) log p(y_<=i | x, z)
+    while True:
+        try:
+            found = next(steps)
+        except StopIteration as done:
+            return _token_generation(done.value, doc_logprior, config)
+        answered = answered + found.doc_logprobs  # 0 once a question has ended
+        per_token = M.token_posterior(found.doc_logprobs[:, :, None], doc_logprior, found.generated[:, None])
+        yield TokenStep(found.step, found.tokens, found.generated, per_token[:, 0],  # (B, K)
+                        torch.log_softmax(doc_logprior + answered, dim=-1))  # fmt: skip
 
 
 @torch.no_grad()
@@ -381,14 +442,30 @@ def generate(gen: Any, prefix: Prefix, doc_logprior: Tensor, kind: M.Kind, confi
     return fn(gen, prefix, doc_logprior, config, options)
 
 
+def _prefix(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]], doc_scores: Tensor,
+            k: int | None) -> tuple[Prefix, Tensor]:
+    """The generator's prefix over the top k passages (B*K rows) and log p(z|x) (B, K)."""
+    k = doc_scores.shape[1] if k is None else k
+    if not 1 <= k <= doc_scores.shape[1]:
+        raise ValueError(f"k must be in 1..{doc_scores.shape[1]} (the passages given), got {k}")
+    prefix = gen.encode_prefix(gen.format_inputs(questions, [p[:k] for p in passages]))
+    return prefix, M.doc_logprior(doc_scores[:, :k])
+
+
 @torch.no_grad()
 def answer(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]], doc_scores: Tensor,
            kind: M.Kind, config: DecodingConfig, k: int | None = None,
            options: SearchOptions = SearchOptions()) -> Generation:
     """From retrieved passages (title, text) and their scores q(x).d(z) (B, K'), best first: decode with
     the top k (default all K'); the generator's input formatting and prefix encoding happen here."""
-    k = doc_scores.shape[1] if k is None else k
-    if not 1 <= k <= doc_scores.shape[1]:
-        raise ValueError(f"k must be in 1..{doc_scores.shape[1]} (the passages given), got {k}")
-    prefix = gen.encode_prefix(gen.format_inputs(questions, [p[:k] for p in passages]))
-    return generate(gen, prefix, M.doc_logprior(doc_scores[:, :k]), kind, config, options)
+    prefix, prior = _prefix(gen, questions, passages, doc_scores, k)
+    return generate(gen, prefix, prior, kind, config, options)
+
+
+def answer_stream(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]], doc_scores: Tensor,
+                  config: DecodingConfig, k: int | None = None,
+                  options: SearchOptions = SearchOptions()) -> Stream[TokenStep, None, Generation]:
+    """`answer` for RAG-Token greedy, streamed: TokenSteps, then (returned) the same Generation."""
+    with torch.no_grad():
+        prefix, prior = _prefix(gen, questions, passages, doc_scores, k)
+    return (yield from rag_token_greedy_stream(gen, prefix, prior, config, options))

@@ -22,7 +22,9 @@ from rag.config import DecodingConfig, RagConfig, checkpoint_rag_config
 from rag.generators import Generator, TargetBatch, load_generator
 
 if TYPE_CHECKING:  # the encoder/retriever modules import torch models only when used
-    from rag.decoding import Generation
+    from collections.abc import Generator as Stream
+
+    from rag.decoding import Generation, TokenStep
     from rag.encoders import Encoder
     from rag.retriever import AnyRetriever, Retrieved
 
@@ -116,10 +118,7 @@ class RagModel(nn.Module):
                 embeddings = encode_passages(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
             # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
             scores = weight * doc_scores(query, embeddings) + scores
-        passages = [
-            list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
-        ]
-        out = self.score_passages(questions, targets, passages, scores, label_smoothing)
+        out = self.score_passages(questions, targets, _passages(retrieved), scores, label_smoothing)
         return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved)
 
     def score_passages(
@@ -163,9 +162,27 @@ class RagModel(nn.Module):
 
         config = config or DecodingConfig()
         retrieved = self.retriever.retrieve(questions, self.k)
-        passages = [
-            list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)
-        ]
-        generation = decoding.answer(self.generator, questions, passages, retrieved.scores, self.kind, config)
+        generation = decoding.answer(self.generator, questions, _passages(retrieved), retrieved.scores, self.kind, config)
+        return self._answer(generation, retrieved)
+
+    def generate_stream(self, questions: list[str], retrieved: Retrieved,
+                        config: DecodingConfig) -> Stream[TokenStep, None, RagAnswer]:
+        """RAG-Token greedy decoding over passages already retrieved (`self.retriever.retrieve(questions,
+        self.k)`, so a caller can show them first), one TokenStep per position; returns what `generate`
+        returns for the same questions."""
+        from rag import decoding
+
+        if self.kind != "token":
+            raise ValueError("token-by-token streaming needs RAG-Token (RAG-Sequence ranks whole answers)")
+        generation = yield from decoding.answer_stream(self.generator, questions, _passages(retrieved),
+                                                       retrieved.scores, config)  # fmt: skip
+        return self._answer(generation, retrieved)
+
+    def _answer(self, generation: Generation, retrieved: Retrieved) -> RagAnswer:
         answers = [self.generator.decode(hyps[0]) if hyps else "" for hyps in generation.sequences]
         return RagAnswer(generation, answers, retrieved)
+
+
+def _passages(retrieved: Retrieved) -> list[list[tuple[str, str]]]:
+    """(title, text) of each retrieved passage: (B, K)."""
+    return [list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)]

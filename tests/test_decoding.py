@@ -20,7 +20,15 @@ from transformers import (
 )
 
 from rag.config import DecodingConfig, GeneratorConfig
-from rag.decoding import SearchOptions, answer, rag_sequence_generate, rag_token_generate, sequence_candidates
+from rag.decoding import (
+    SearchOptions,
+    answer,
+    answer_stream,
+    rag_sequence_generate,
+    rag_token_generate,
+    rag_token_greedy_stream,
+    sequence_candidates,
+)
 from rag.generators import CausalGenerator, Seq2SeqGenerator, TargetBatch
 
 VOCAB = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "yes": 4, "no": 5}
@@ -193,6 +201,69 @@ def test_fast_is_thorough_with_zero_outside_the_beams(setup):
         for y, s in zip(fast_out.sequences[b], fast_out.scores[b].tolist(), strict=False):
             if tuple(y) in tscore:
                 assert s <= tscore[tuple(y)] + 1e-5
+
+
+class _CountingSteps:
+    """The generator, counting its decoding forwards (gen.step with tokens)."""
+
+    def __init__(self, gen) -> None:
+        self.gen, self.forwards = gen, 0
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def step(self, state, tokens):
+        self.forwards += tokens is not None
+        return self.gen.step(state, tokens)
+
+
+def test_rag_token_greedy_stream_hands_out_each_token_with_its_posteriors(setup):
+    """Each step comes out before the next forward, with p(z_i|x,y_<=i) and p(z|x,y_<=i) by Bayes from
+    teacher forcing; the stream's result is rag_token_generate's greedy Generation."""
+    gen, prefix, prior, brute = setup
+    counting = _CountingSteps(gen)
+    stream = rag_token_greedy_stream(counting, prefix, prior, _config())
+    steps = []
+    while True:
+        try:
+            steps.append(next(stream))
+        except StopIteration as done:
+            result = done.value
+            break
+        assert counting.forwards == steps[-1].step  # token i was chosen after i forwards, none ahead
+    want = rag_token_generate(gen, prefix, prior, _config())
+    assert result.sequences == want.sequences
+    for name in ("scores", "passage_logprobs", "doc_logposterior", "token_doc_logposterior"):
+        torch.testing.assert_close(getattr(result, name), getattr(want, name))
+    for b in range(2):
+        y = want.sequences[b][0]
+        s = brute["space"].index(tuple(y))
+        assert [int(st.tokens[b]) for st in steps[: len(y)]] == y
+        assert all(bool(st.generated[b]) == (st.step < len(y)) for st in steps)
+        for i in range(len(y)):
+            per_doc = brute["tok"][b, :, s]  # (K, T)
+            token_post = torch.softmax(prior[b].double() + per_doc[:, i], dim=0)
+            running = torch.softmax(prior[b].double() + per_doc[:, : i + 1].sum(-1), dim=0)
+            torch.testing.assert_close(steps[i].token_doc_logposterior[b].exp().double(), token_post, atol=1e-4, rtol=0)
+            torch.testing.assert_close(steps[i].doc_logposterior[b].exp().double(), running, atol=1e-4, rtol=0)
+        torch.testing.assert_close(steps[len(y) - 1].doc_logposterior[b], want.doc_logposterior[b, 0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="greedily"):
+        next(rag_token_greedy_stream(gen, prefix, prior, _config(num_beams=2)))
+
+
+def test_answer_stream_equals_answer(setup):
+    gen, _, _, _ = setup
+    stream = answer_stream(gen, QUESTIONS, PASSAGES, SCORES, _config())
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(stream).tokens.tolist())
+        except StopIteration as done:
+            result = done.value
+            break
+    want = answer(gen, QUESTIONS, PASSAGES, SCORES, "token", _config())
+    assert result.sequences == want.sequences and tokens
+    torch.testing.assert_close(result.token_doc_logposterior, want.token_doc_logposterior)
 
 
 def test_min_and_max_new_tokens(setup):

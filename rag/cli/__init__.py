@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("rag.cli.index", "rag.cli.search", "rag.cli.demo", "rag.cli.ask", "rag.cli.eval", "rag.cli.train")
+SUBCOMMANDS = ("rag.cli.index", "rag.cli.search", "rag.cli.demo", "rag.cli.ask", "rag.cli.eval", "rag.cli.train",
+               "rag.cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

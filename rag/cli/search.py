@@ -6,10 +6,10 @@ import argparse
 import json
 import textwrap
 from dataclasses import replace
-from typing import Any
 
+from rag.answering import search_hits
 from rag.config import RETRIEVER_KINDS, EncoderConfig, RetrieverConfig
-from rag.retriever import Retrieved, open_retriever
+from rag.retriever import open_retriever
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,19 +44,6 @@ def retriever_config(args: argparse.Namespace, base: RetrieverConfig | None = No
                    bm25_temperature=args.bm25_temperature or base.bm25_temperature)  # fmt: skip
 
 
-def hits(retrieved: Retrieved, i: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "rank": rank + 1,
-            "score": float(retrieved.scores[i, rank]),  # the logit of p(z|x)
-            "id": retrieved.ids[i][rank],
-            "title": retrieved.titles[i][rank],
-            "text": retrieved.texts[i][rank],
-        }
-        for rank in range(retrieved.k)
-    ]
-
-
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
@@ -68,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {args.index}")
     retrieved = retriever.retrieve(args.queries, args.k)
     for i, query in enumerate(args.queries):
-        rows = hits(retrieved, i)
+        rows = search_hits(retrieved, i)
         if args.json:
             print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
             continue
