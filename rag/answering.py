@@ -275,10 +275,14 @@ def rag_model_config(
     device: str = "cpu",
     retriever: str | None = None,
     bm25_temperature: float | None = None,
+    query_encoder: str = "",
+    query_scale: float | None = None,
 ) -> RagConfig:
     """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
     checkpoint's model (its q(x), generator, knowledge base, retriever, kind and k), which the other
-    flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense)."""
+    flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense).
+    q(x): rag.knowledge.query_encoder_config (the knowledge base's recorded q(x), or the checkpoint's;
+    `query_encoder` / `query_scale` override it)."""
     if checkpoint:
         from rag.train_checkpoint import checkpoint_rag_config
 
@@ -291,6 +295,12 @@ def rag_model_config(
         generator_config = replace(generator_config, path=generator)
     retriever_config = replace(base.retriever, kind=retriever or base.retriever.kind,
                                bm25_temperature=bm25_temperature or base.retriever.bm25_temperature)  # type: ignore[arg-type]
-    return replace(base, kind=kind or base.kind, k=k or base.k, index_dir=index_dir or base.index_dir,
-                   generator=generator_config, retriever=retriever_config)  # type: ignore[arg-type]  # fmt: skip
+    index = index_dir or base.index_dir
+    query = base.query_encoder
+    if query_encoder or query_scale is not None:
+        from rag.knowledge import default_knowledge_base, query_encoder_config
+
+        query = query_encoder_config(index or default_knowledge_base(), query_encoder or query, query_scale)
+    return replace(base, kind=kind or base.kind, k=base.k if k is None else k, index_dir=index,
+                   query_encoder=query, generator=generator_config, retriever=retriever_config)  # type: ignore[arg-type]  # fmt: skip
 

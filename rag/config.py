@@ -161,8 +161,10 @@ class DecodingConfig:
 class RagConfig:
     kind: Literal["token", "sequence"] = "token"
     k: int = 5
-    # q(x). The passage encoder d(z) is not here: the knowledge base records it (rag.knowledge).
-    query_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(scale=DEFAULT_QUERY_SCALE))
+    # q(x); None: the one the knowledge base records for its d(z) (rag.knowledge.query_encoder_config,
+    # for the default knowledge base all-MiniLM-L6-v2 with scale DEFAULT_QUERY_SCALE). d(z) is not here:
+    # the knowledge base records it.
+    query_encoder: EncoderConfig | None = None
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     index_dir: str = ""  # "" = the default knowledge base's cached index
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
@@ -237,7 +239,7 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     kwargs: dict[str, Any] = {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key, value in data.items():
-        sub = _CONFIG_CLASSES.get(str(hints[key]))
+        sub = _CONFIG_CLASSES.get(str(hints[key]).removesuffix(" | None"))
         kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
     return cls(**kwargs)
 
@@ -288,8 +290,9 @@ def checkpoint_rag_config(path: Path | str) -> RagConfig:
         raise ValueError(f"{path / CHECKPOINT_CONFIG_FILE}: field 'rag': {error}") from None
     if rag.index_dir == CHECKPOINT_KNOWLEDGE_DIR:
         rag = dataclasses.replace(rag, index_dir=str(path / CHECKPOINT_KNOWLEDGE_DIR))
+    query = rag.query_encoder
     return dataclasses.replace(
         rag,
-        query_encoder=dataclasses.replace(rag.query_encoder, path=str(path / rag.query_encoder.path)),
+        query_encoder=None if query is None else dataclasses.replace(query, path=str(path / query.path)),
         generator=dataclasses.replace(rag.generator, path=str(path / rag.generator.path)),
     )

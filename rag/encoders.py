@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rag.config import EncoderConfig
+from rag.config import DEFAULT_QUERY_SCALE, EncoderConfig
 from rag.resources import resolve_path
 
 Pooling = Literal["cls", "mean", "pooler"]
@@ -210,6 +210,8 @@ def _read_json(path: Path) -> Any:
 def inspect_encoder_dir(config: EncoderConfig) -> EncoderLayout:
     """Work out the backend, pooling, normalisation and length limit of an encoder directory."""
     path = resolve_path(config.path)
+    if not path.exists():
+        raise FileNotFoundError(f"encoder {config.path} does not exist")
     if not path.is_dir():
         raise FileNotFoundError(f"encoder {config.path}: {path} is not a directory")
     kind = config.kind if config.kind != "auto" else _detect_kind(path)
@@ -226,6 +228,13 @@ def inspect_encoder_dir(config: EncoderConfig) -> EncoderLayout:
     normalize = layout.normalize if config.normalize is None else config.normalize
     max_length = min(layout.max_length, config.max_length)
     return EncoderLayout(layout.kind, layout.model_dir, pooling, normalize, max_length)
+
+
+def default_query_scale(config: EncoderConfig) -> float:
+    """q(x)'s scale when none is given: DEFAULT_QUERY_SCALE (20) for an encoder whose output is
+    normalised (its scores are cosines in [-1, 1], and p(z|x) over them would be nearly flat), 1 for an
+    inner-product encoder such as DPR's (its scores already have the prior's scale)."""
+    return DEFAULT_QUERY_SCALE if inspect_encoder_dir(config).normalize else 1.0
 
 
 def _detect_kind(path: Path) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 
 from rag.config import CorpusConfig, EncoderConfig, GivenEmbeddings, IndexConfig, from_dict, to_dict
 from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages
-from rag.encoders import Encoder, load_encoder, passage_text
+from rag.encoders import Encoder, default_query_scale, inspect_encoder_dir, load_encoder, passage_text
 from rag.index import DenseIndex, check_buildable, link_or_copy, store_dtype
 from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
@@ -137,15 +137,19 @@ def build_knowledge_base(
     progress: bool = True,
     device: str = "cpu",
     given: GivenEmbeddings | None = None,
+    query_encoder: EncoderConfig | str | None = None,
+    query_scale: float | None = None,
 ) -> KnowledgeBaseInfo:
     """Build (or finish an interrupted build of) the knowledge base in `out_dir`.
 
     given: index these embeddings (matched to the passages by id) instead of encoding the corpus;
     `encoder` then names the d(z) that made them (its dim is checked; q(x) defaults to it).
+    query_encoder, query_scale: the q(x) recorded for this d(z) (matching_query_encoder: default d(z)'s
+    own folder, scale 20 if it normalises, else 1).
     """
     out_dir = Path(out_dir).resolve()
     with build_lock(out_dir):
-        return _build(corpus, encoder, index, out_dir, progress, device, given)
+        return _build(corpus, encoder, index, out_dir, progress, device, given, query_encoder, query_scale)
 
 
 def _build(
@@ -156,12 +160,15 @@ def _build(
     progress: bool,
     device: str,
     given: GivenEmbeddings | None = None,
+    query_encoder: EncoderConfig | str | None = None,
+    query_scale: float | None = None,
 ) -> KnowledgeBaseInfo:
     start = time.perf_counter()
     if encoder.scale != 1.0:
         raise ValueError(
             f"the passage encoder d(z) must have scale 1.0, got {encoder.scale}; scale q(x) instead"
         )
+    query = matching_query_encoder(encoder, query_encoder, query_scale)
     if index.kind == "factory" and not index.factory:
         raise ValueError(
             "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"
@@ -206,6 +213,7 @@ def _build(
             "sources": sources_signature(corpus, encoder),
             "build_seconds": round(time.perf_counter() - start, 3),
         }
+        meta["query_encoder"] = to_dict(query) if query is not None else None
         if given is not None:
             meta["given_embeddings"] = to_dict(given)
         del built  # release the memory map before the folder is renamed
@@ -334,7 +342,60 @@ def save_knowledge_base(index: DenseIndex, passages: PassageStore, encoder: Enco
 
 def encoder_config(meta: dict[str, Any]) -> EncoderConfig:
     """The passage encoder's config recorded in a knowledge base's meta.json."""
-    return from_dict(EncoderConfig, meta["encoder"])
+    return _meta_config(meta, "encoder")
+
+
+def _meta_config(meta: Mapping[str, Any], key: str) -> EncoderConfig:
+    try:
+        return from_dict(EncoderConfig, meta[key])
+    except KeyError:
+        raise ValueError(f"knowledge base meta.json: field {key!r}: missing") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"knowledge base meta.json: field {key!r}: {error}") from None
+
+
+def matching_query_encoder(d_z: EncoderConfig, query: EncoderConfig | str | None = None,
+                           scale: float | None = None) -> EncoderConfig | None:  # fmt: skip
+    """The q(x) a knowledge base records for its d(z): `query` if given (its own scale if a config),
+    else d(z)'s own folder; the scale `scale`, else rag.encoders.default_query_scale. None when d(z) is a
+    DPR context encoder and no q(x) is given: its question encoder is another model."""
+    if isinstance(query, EncoderConfig):
+        return query if scale is None else dataclasses.replace(query, scale=scale)
+    if query:
+        config = EncoderConfig(path=str(query))
+    elif inspect_encoder_dir(d_z).kind == "dpr-context":
+        return None
+    else:
+        config = dataclasses.replace(d_z, scale=1.0, dtype="float32", batch_size=EncoderConfig.batch_size)
+    return dataclasses.replace(config, scale=default_query_scale(config) if scale is None else scale)
+
+
+def query_encoder_config(knowledge_base: Path | str | Mapping[str, Any], query: EncoderConfig | str | None = None,
+                         scale: float | None = None) -> EncoderConfig:  # fmt: skip
+    """THE rule for q(x) over a knowledge base (a folder, or its meta.json): `rag ask`, `search`, `eval`,
+    `train`, the server and RagModel.from_config all call this.
+
+    - `query` (a checkpoint's trained q(x), or --query-encoder) when given;
+    - else the q(x) the knowledge base records (meta.json "query_encoder", set by rag index build);
+    - else (a knowledge base built before it recorded one) the rule that build applies now: d(z)'s
+      own folder, unless d(z) is a DPR context encoder (then q(x) must be given).
+    The scale: `scale` if given, else the recorded one, else 20 for a normalised encoder, 1 otherwise."""
+    meta = knowledge_base if isinstance(knowledge_base, Mapping) else read_knowledge_meta(knowledge_base)
+    where = "" if isinstance(knowledge_base, Mapping) else f"{knowledge_base}: "
+    if query is None and meta.get("query_encoder") is not None:
+        recorded = _meta_config(meta, "query_encoder")
+        return recorded if scale is None else dataclasses.replace(recorded, scale=scale)
+    config = matching_query_encoder(encoder_config(meta), query, scale)
+    if config is None:
+        raise ValueError(f"{where}its d(z) is a DPR context encoder ({meta['encoder'].get('path')}) and it records "
+                         "no q(x): give the matching DPR question encoder (--query-encoder), or rebuild with "
+                         "rag index build --query-encoder")  # fmt: skip
+    return config
+
+
+def read_knowledge_meta(path: Path | str) -> dict[str, Any]:
+    """A finished knowledge base's meta.json (checked for its format), without opening the index."""
+    return read_format_json(path, META_FILE, FORMAT, "knowledge base (rag index build)")
 
 
 def default_knowledge_base(progress: bool = True) -> Path:

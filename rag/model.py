@@ -82,11 +82,11 @@ class RagModel(nn.Module):
     def from_config(cls, config: RagConfig, device: str | torch.device = "cpu") -> RagModel:
         """Encoders, the knowledge base (config.index_dir, or the default one) and the generator."""
         from rag.encoders import load_encoder
-        from rag.knowledge import default_knowledge_base
+        from rag.knowledge import default_knowledge_base, query_encoder_config
         from rag.retriever import open_retriever
 
-        query_encoder = load_encoder(config.query_encoder, device)
         index_dir = config.index_dir or default_knowledge_base()
+        query_encoder = load_encoder(config.query_encoder or query_encoder_config(index_dir), device)
         retriever = open_retriever(index_dir, config.retriever, query_encoder=query_encoder)
         return cls(query_encoder, retriever, load_generator(config.generator, device), config.kind, config.k)
 

@@ -15,7 +15,6 @@ d(z) and the index fixed, and so do we); the fixed part (BM25's) stays a constan
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,10 @@ import torch
 
 from rag.bm25 import BM25Index, open_bm25_index
 from rag.config import EncoderConfig, FusionConfig, RetrieverConfig
-from rag.encoders import Encoder, inspect_encoder_dir, load_encoder
+from rag.encoders import Encoder, load_encoder
 from rag.fusion import Candidates, fuse, load_fusion, union_candidates
 from rag.index import DenseIndex
-from rag.knowledge import encoder_config, open_knowledge_base
+from rag.knowledge import open_knowledge_base, query_encoder_config
 from rag.mips import topk_rows
 from rag.store import PassageStore
 
@@ -107,19 +106,13 @@ class Retriever:
     ) -> Retriever:
         """A retriever over a knowledge base folder.
 
-        q(x) is `query_encoder`, else loaded from `encoder`, else a fresh copy of the folder's d(z)
-        encoder; `scale` (if given) sets the loaded q(x)'s temperature (EncoderConfig.scale).
+        q(x) is `query_encoder`, else loaded from the config rag.knowledge.query_encoder_config gives
+        (the one rule: `encoder` if given, else the q(x) the knowledge base records; `scale` overrides
+        the scale).
         """
         kb = open_knowledge_base(index_dir)
         if query_encoder is None:
-            config = encoder or encoder_config(kb.meta)
-            config = config if scale is None else dataclasses.replace(config, scale=scale)
-            if inspect_encoder_dir(config).kind == "dpr-context":
-                raise ValueError(
-                    f"{index_dir}: d(z) is a DPR context encoder ({config.path}); give the matching "
-                    "DPR question encoder for q(x) (Retriever.open(encoder=...), rag search --query-encoder)"
-                )
-            query_encoder = load_encoder(config, device)
+            query_encoder = load_encoder(query_encoder_config(kb.meta, encoder, scale), device)
         return cls(kb.index, kb.passages, query_encoder)
 
     def retrieve(self, questions: list[str], k: int, batch_size: int = 64,

@@ -57,7 +57,8 @@ KNOWLEDGE_DIR = CHECKPOINT_KNOWLEDGE_DIR
 
 def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
     """The run's RagConfig, pointing q(x), the generator (and a trained knowledge base) at this folder."""
-    query_encoder = saved_encoder_config(model.query_encoder, config.rag.query_encoder, "query_encoder")
+    base = config.rag.query_encoder or EncoderConfig()
+    query_encoder = saved_encoder_config(model.query_encoder, base, "query_encoder")
     generator = dataclasses.replace(config.rag.generator, path="generator", family=model.generator.family)
     index_dir = str(Path(config.rag.index_dir).resolve()) if config.rag.index_dir else ""
     if model.passage_encoder is not None:

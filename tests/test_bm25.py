@@ -241,19 +241,19 @@ def test_cli_build_search_hybrid_and_info(kb, tmp_path, capsys):
     shutil.rmtree(copy / BM25_DIR)
     assert main(["index", "build", "--retriever", "bm25", "--out", str(copy), "--no-progress"]) == 0
     assert "6 passages" in capsys.readouterr().out
-    assert main(["search", str(copy), "capital of Portugal", "-k", "2", "--retriever", "bm25", "--json"]) == 0
+    assert main(["search", "--index", str(copy), "capital of Portugal", "-k", "2", "--retriever", "bm25", "--json"]) == 0
     hit = json.loads(capsys.readouterr().out)["hits"][0]
     assert hit["title"] == "Portugal" and hit["rank"] == 1
-    assert main(["search", str(copy), "the of", "--retriever", "bm25"]) == 2
+    assert main(["search", "--index", str(copy), "the of", "--retriever", "bm25"]) == 2
     assert "only stop words" in capsys.readouterr().err
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"question": q, "answer": [a]}) + "\n" for q, a in
                                  [("capital of Angola", "Luanda"), ("capital of France", "Paris")] * 3))  # fmt: skip
-    assert main(["index", "hybrid", str(copy), "--task", "nq-open", "--data", str(questions), "-k", "1"]) == 0
+    assert main(["index", "hybrid", "--index", str(copy), "--task", "nq-open", "--data", str(questions), "-k", "1"]) == 0
     stored = json.loads((copy / "hybrid.json").read_text())
     assert stored["chosen_on"]["questions"] == 5 and stored["chosen_on"]["part"] == "dev"  # 6 less the 5th
     assert HybridRetriever.open(copy).fusion == FusionConfig(**stored["config"])
-    assert main(["index", "info", str(copy)]) == 0
+    assert main(["index", "info", "--index", str(copy)]) == 0
     assert "chosen on 5 questions of nq-open" in capsys.readouterr().out
 
 

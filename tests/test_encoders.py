@@ -151,8 +151,11 @@ def test_bfloat16_encode_stays_close_to_float32(st_dir):
 
 
 def test_bad_encoder_dirs(tmp_path, bert_dir):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         load_encoder(EncoderConfig(path=str(tmp_path / "missing")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_encoder(EncoderConfig(path=str(tmp_path / "file")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither modules.json nor config.json"):
         load_encoder(EncoderConfig(path=str(tmp_path / "empty")))

@@ -113,11 +113,11 @@ def test_killed_build_resumes_and_matches_an_uninterrupted_one(tmp_path, corpus,
 def test_cli_build_and_info(tmp_path, corpus, encoder_dir, capsys):
     out = tmp_path / "kb"
     rc = main(["index", "build", "--corpus", str(corpus[0]), "--words", "20", "--encoder", str(encoder_dir),
-               "--index", "hnsw", "--out", str(out), "--no-progress"])  # fmt: skip
+               "--index-type", "hnsw", "--out", str(out), "--no-progress"])  # fmt: skip
     assert rc == 0
     n = len(expected_passages(corpus[1]))
     assert f"{n} passages from {len(corpus[1])} documents" in capsys.readouterr().out
-    assert main(["index", "info", str(out), "--json"]) == 0
+    assert main(["index", "info", "--index", str(out), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert (facts["passages"], facts["dim"], facts["index"]) == (n, 32, "hnsw")
 
@@ -143,9 +143,9 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, corpus, encoder_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock", "bad.jsonl"]  # nothing half-written
     assert main([*base, "--skip-bad-records"]) == 0
     assert "1 bad records skipped" in capsys.readouterr().out
-    assert main([*base, "--index", "factory"]) == 2
+    assert main([*base, "--index-type", "factory"]) == 2
     assert "--factory" in capsys.readouterr().err
-    assert main(["index", "info", str(tmp_path)]) == 2
+    assert main(["index", "info", "--index", str(tmp_path)]) == 2
     assert "not a knowledge base" in capsys.readouterr().err
     assert (
         main([*base[:3], str(corpus[0]), "--encoder", str(tmp_path / "nope"), "--out", str(tmp_path / "kb2")])

@@ -249,11 +249,10 @@ def test_from_config_builds_q_with_its_scale_sharper_prior_same_ranking(tmp_path
     gen = tiny_generator("bart")
     gen.model.save_pretrained(tmp_path / "gen")
     gen.tokenizer.save_pretrained(tmp_path / "gen")
-    assert RagConfig().query_encoder.scale == DEFAULT_QUERY_SCALE == 20.0
     base = RagConfig(
         kind="sequence",
         k=4,
-        query_encoder=dataclasses.replace(RagConfig().query_encoder, path=str(enc)),
+        query_encoder=EncoderConfig(path=str(enc), scale=DEFAULT_QUERY_SCALE),
         generator=GeneratorConfig(path=str(tmp_path / "gen"), max_input_tokens=96),
         index_dir=str(tmp_path / "kb"),
     )

@@ -15,7 +15,7 @@ from tiny_encoders import (
 )
 
 from rag.cli import main
-from rag.config import CorpusConfig, EncoderConfig, IndexConfig
+from rag.config import DEFAULT_QUERY_SCALE, CorpusConfig, EncoderConfig, IndexConfig
 from rag.encoders import load_encoder, passage_text
 from rag.knowledge import build_knowledge_base, open_knowledge_base
 from rag.retriever import Retriever
@@ -45,10 +45,12 @@ def test_retrieve_equals_brute_force(kb):
     path, encoder_dir, passages = kb
     retriever = Retriever.open(path)
     got = retriever.retrieve(QUESTIONS, k=5)
+    # the one rule: q(x) is d(z)'s normalised encoder with scale 20, the scores 20 * cosine
+    assert retriever.query_encoder.scale == DEFAULT_QUERY_SCALE
 
     fresh = load_encoder(EncoderConfig(path=str(encoder_dir)))
     matrix = fresh.encode([passage_text(t, x) for t, x in passages])  # (N, D)
-    q = fresh.encode(QUESTIONS)  # (B, D)
+    q = DEFAULT_QUERY_SCALE * fresh.encode(QUESTIONS)  # (B, D)
     rows, scores = brute_force(q, matrix, 5)
 
     assert got.rows.dtype == np.int64 and got.rows.shape == (4, 5) and len(got) == 4 and got.k == 5
@@ -86,8 +88,8 @@ def test_retrieve_vectors_scores_are_q_dot_stored_embeddings(kb):
 
 def test_query_scale_keeps_the_ranking_and_sharpens_the_prior(kb):
     path, _, _ = kb
-    plain = Retriever.open(path).retrieve(QUESTIONS, k=5)
-    hot = Retriever.open(path, scale=20.0).retrieve(QUESTIONS, k=5)
+    plain = Retriever.open(path, scale=1.0).retrieve(QUESTIONS, k=5)
+    hot = Retriever.open(path).retrieve(QUESTIONS, k=5)  # the rule's default for a normalised encoder
     np.testing.assert_array_equal(hot.rows, plain.rows)
     torch.testing.assert_close(hot.scores, 20.0 * plain.scores)
     p_plain, p_hot = plain.scores.softmax(-1), hot.scores.softmax(-1)  # p(z|x) over the top k
@@ -127,7 +129,7 @@ def test_retriever_rejects_bad_input(kb, tmp_path):
 
 def test_cli_search_json_matches_the_retriever(kb, capsys):
     path, _, _ = kb
-    assert main(["search", str(path), *QUESTIONS[:2], "-k", "3", "--json"]) == 0
+    assert main(["search", "--index", str(path), *QUESTIONS[:2], "-k", "3", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = Retriever.open(path).retrieve(QUESTIONS[:2], k=3)
     assert [line["query"] for line in lines] == QUESTIONS[:2]
@@ -135,7 +137,7 @@ def test_cli_search_json_matches_the_retriever(kb, capsys):
         assert [h["id"] for h in line["hits"]] == expected.ids[i]
         assert [h["title"] for h in line["hits"]] == expected.titles[i]
         np.testing.assert_allclose([h["score"] for h in line["hits"]], expected.scores[i].numpy(), atol=1e-6)
-    assert main(["search", str(path), QUESTIONS[0], "-k", "2"]) == 0
+    assert main(["search", "--index", str(path), QUESTIONS[0], "-k", "2"]) == 0
     text = capsys.readouterr().out
     assert (
         text.startswith(f"query: {QUESTIONS[0]}")
@@ -145,9 +147,9 @@ def test_cli_search_json_matches_the_retriever(kb, capsys):
 
 def test_cli_search_bad_input(kb, tmp_path, capsys):
     path, _, passages = kb
-    assert main(["search", str(tmp_path), "q"]) == 2
+    assert main(["search", "--index", str(tmp_path), "q"]) == 2
     assert "no meta.json" in capsys.readouterr().err
-    assert main(["search", str(path), "q", "-k", str(len(passages) + 1)]) == 2
+    assert main(["search", "--index", str(path), "q", "-k", str(len(passages) + 1)]) == 2
     assert "exceeds" in capsys.readouterr().err
 
 
@@ -169,7 +171,7 @@ def test_dpr_pair_question_encoder_over_context_encoder_index(tmp_path, capsys):
     np.testing.assert_allclose(got.scores.numpy(), scores, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(q @ d.T, got.rows, 1), scores, atol=1e-5)
     assert (
-        main(["search", str(tmp_path / "kb"), QUESTIONS[0], "--query-encoder", str(question), "--json"]) == 0
+        main(["search", "--index", str(tmp_path / "kb"), QUESTIONS[0], "--query-encoder", str(question), "--json"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == got.ids[0][0]
 

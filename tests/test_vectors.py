@@ -75,7 +75,7 @@ def test_cli_build_with_given_embeddings_and_ondisk_ivf(setup, tmp_path, capsys)
     out = tmp_path / "kb"
     rc = main(["index", "build", "--corpus", corpus.source, "--words", str(WORDS_PER_PASSAGE), "--encoder",
                encoder.path, "--embeddings", str(tmp_path / "vec16.npy"), "--out", str(out), "--no-progress",
-               "--index", "factory", "--factory", "IVF4,Flat", "--ondisk-lists"])  # fmt: skip
+               "--index-type", "factory", "--factory", "IVF4,Flat", "--ondisk-lists"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "vectors given by" in text and "peak RSS" in text

@@ -16,8 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rag.cli.search import add_retriever_arguments, retriever_config
-from rag.config import PROMPT_STYLES, DecodingConfig, EncoderConfig, GeneratorConfig
+from rag.cli.model_options import (
+    add_index_arguments,
+    add_retriever_arguments,
+    knowledge_base,
+    query_encoder,
+    retriever_config,
+)
+from rag.config import PROMPT_STYLES, DecodingConfig, GeneratorConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,11 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="generator weights (auto: bfloat16 where the hardware computes it natively)")
-    p.add_argument("--query-encoder", help="q(x) path (default: the knowledge base's own encoder)")
-    p.add_argument("--query-scale", type=float,
-                   help="q(x) = scale * pooled output, the prior's temperature (default: 20 for the default "
-                        "encoder, as RagConfig; 1 otherwise)")
-    p.add_argument("--index", help="knowledge base folder (default: the packaged Wikipedia summaries)")
+    add_index_arguments(p)
     add_retriever_arguments(p, default=None)
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
     p.add_argument("-k", type=int, nargs="+", default=None,
@@ -79,7 +81,7 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     from rag.train_checkpoint import checkpoint_rag_config, is_training_checkpoint
 
     kinds = args.kind or ["token"]
-    query_encoder, generator = None, None
+    loaded_q, generator = None, None
     trained = None  # a `rag train` checkpoint's RagConfig (that format, not a released checkpoint)
     if args.checkpoint and is_training_checkpoint(args.checkpoint):
         trained = checkpoint_rag_config(args.checkpoint)
@@ -89,7 +91,7 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     if trained is not None:
         from rag.encoders import load_encoder
 
-        query_encoder = load_encoder(trained.query_encoder, args.device)
+        loaded_q = load_encoder(trained.query_encoder, args.device)
         dtype = generator_dtype(args.dtype, args.device)
         generator = load_generator(replace(trained.generator, dtype=dtype), args.device)  # type: ignore[arg-type]
         kinds, args.index = args.kind or [trained.kind], args.index or trained.index_dir
@@ -97,7 +99,7 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         from rag.checkpoints import load_rag_checkpoint
 
         ckpt = load_rag_checkpoint(args.checkpoint, args.device)
-        query_encoder, generator, kinds = ckpt.query_encoder, ckpt.generator, args.kind or [ckpt.kind]
+        loaded_q, generator, kinds = ckpt.query_encoder, ckpt.generator, args.kind or [ckpt.kind]
         if args.mode != "closed-book" and not args.index:
             raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
     elif args.mode != "retrieval-only":
@@ -105,7 +107,7 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         generator = load_generator(replace(config, path=args.generator) if args.generator else config, args.device)
     if args.mode == "closed-book":
         return None, generator, kinds
-    retriever = _retriever(args, query_encoder, trained.retriever if trained else None)
+    retriever = _retriever(args, loaded_q, trained.retriever if trained else None)
     if args.swap_index:
         if retriever.kind != "dense":
             raise ValueError("--swap-index is the dense retriever's hot-swap experiment; drop --retriever")
@@ -117,21 +119,18 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     return retriever, generator, kinds
 
 
-def _retriever(args: argparse.Namespace, query_encoder: Any, trained_retriever: Any = None) -> Any:
-    from rag.config import DEFAULT_ENCODER, DEFAULT_QUERY_SCALE
+def _retriever(args: argparse.Namespace, trained_query_encoder: Any, trained_retriever: Any = None) -> Any:
+    """The retriever over --index (the checkpoint's, or the default knowledge base); q(x) is a loaded
+    checkpoint's, else the one rule's (rag.knowledge.query_encoder_config) with the flags."""
     from rag.encoders import load_encoder
-    from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
     from rag.retriever import open_retriever
 
-    index = args.index or default_knowledge_base(progress=not args.no_progress)
-    scale = args.query_scale
-    if scale is None:  # the default sentence encoder is scaled as RagConfig's q(x); DPR and others are not
-        d_z = args.query_encoder or encoder_config(open_knowledge_base(index).meta).path
-        scale = DEFAULT_QUERY_SCALE if d_z == DEFAULT_ENCODER else 1.0
-    if query_encoder is None and args.query_encoder:
-        query_encoder = load_encoder(EncoderConfig(path=args.query_encoder, scale=scale), args.device)
+    index = knowledge_base(args, progress=not args.no_progress)
     config = retriever_config(args, trained_retriever)
-    return open_retriever(index, config, query_encoder=query_encoder, device=args.device, scale=scale)
+    encoder = trained_query_encoder
+    if config.kind != "bm25" and (encoder is None or args.query_encoder or args.query_scale is not None):
+        encoder = load_encoder(query_encoder(args, index), args.device)
+    return open_retriever(index, config, query_encoder=encoder, device=args.device)
 
 
 def run_name(mode: str, kind: str, decoding: str, k: int) -> str:

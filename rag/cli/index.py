@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rag.cli.model_options import add_index_arguments, knowledge_base, query_encoder
 from rag.config import (
     DEFAULT_CORPUS,
     DEFAULT_ENCODER,
@@ -17,7 +18,7 @@ from rag.config import (
     GivenEmbeddings,
     IndexConfig,
 )
-from rag.knowledge import META_FILE, build_knowledge_base, open_knowledge_base
+from rag.knowledge import META_FILE, build_knowledge_base, open_knowledge_base, query_encoder_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     build.add_argument("--max-length", type=int, default=EncoderConfig.max_length, help="tokens per passage")
     build.add_argument("--batch-size", type=int, default=EncoderConfig.batch_size)
-    build.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "factory"])
-    build.add_argument("--factory", default="", help="FAISS index_factory string (with --index factory)")
+    build.add_argument("--index-type", default="flat", choices=["flat", "hnsw", "ivfpq", "factory"],
+                       help="the MIPS index over d(z) (--index names a knowledge base, on every command)")
+    build.add_argument("--factory", default="", help="FAISS index_factory string (with --index-type factory)")
+    build.add_argument("--query-encoder", default="",
+                       help="the q(x) to record for this d(z) (default: d(z)'s own folder; a DPR context "
+                            "encoder needs its question encoder here)")
+    build.add_argument("--query-scale", type=float, default=None,
+                       help="q(x)'s scale to record (default: 20 for a normalised encoder, 1 otherwise)")
     build.add_argument("--ivf-lists", type=int, default=0, help="ivfpq: inverted lists (0: about 4 sqrt(N))")
     build.add_argument("--pq", type=int, default=0, help="ivfpq: PQ sub-quantizers, bytes per code (0: D / 4)")
     build.add_argument("--ondisk-lists", action="store_true",
@@ -66,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     hybrid = sub.add_parser("hybrid", help="choose the hybrid retriever's fusion on development questions "
                                            "and store it in the knowledge base (hybrid.json)")
-    hybrid.add_argument("dir", help="a knowledge base folder")
+    add_index_arguments(hybrid)
     hybrid.add_argument("--task", required=True, help="task format of the questions (rag.tasks: squad-open, nq-open, ...)")
     hybrid.add_argument("--data", required=True, help="the questions' file or folder")
     hybrid.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
@@ -74,11 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dev: positions i %% 5 != 4 only (reserved sets); never tune on a reserved fifth")
     hybrid.add_argument("--limit", type=int, default=1000, help="the first N questions (0: all)")
     hybrid.add_argument("-k", type=int, default=5, help="the fusion with the best recall@k is chosen")
-    hybrid.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
     hybrid.set_defaults(func=run_hybrid)
 
     info = sub.add_parser("info", help="describe a knowledge base folder")
-    info.add_argument("dir")
+    add_index_arguments(info, query_encoder=False)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=run_info)
 
@@ -86,10 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def configs_from_args(args: argparse.Namespace) -> tuple[CorpusConfig, EncoderConfig, IndexConfig]:
     if args.words < 1:
         raise ValueError(f"--words must be >= 1, got {args.words}")
-    if args.index == "factory" and not args.factory:
-        raise ValueError("--index factory needs --factory STRING (a FAISS index_factory string)")
-    if args.factory and args.index != "factory":
-        raise ValueError("--factory is only used with --index factory")
+    if args.index_type == "factory" and not args.factory:
+        raise ValueError("--index-type factory needs --factory STRING (a FAISS index_factory string)")
+    if args.factory and args.index_type != "factory":
+        raise ValueError("--factory is only used with --index-type factory")
     corpus = CorpusConfig(
         source=args.corpus,
         format=args.format,
@@ -103,7 +109,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[CorpusConfig, EncoderCo
     for name in ("ivf_lists", "pq"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    index = IndexConfig(kind=args.index, factory=args.factory, shard_size=args.shard_size,
+    index = IndexConfig(kind=args.index_type, factory=args.factory, shard_size=args.shard_size,
                         ivf_lists=args.ivf_lists, pq_subquantizers=args.pq, ondisk_lists=args.ondisk_lists)  # fmt: skip
     return corpus, encoder, index
 
@@ -120,7 +126,8 @@ def run_build(args: argparse.Namespace) -> int:
     if args.retriever == "bm25" and (out / META_FILE).is_file():
         return _add_bm25(out, corpus, not args.no_progress)
     given = given_from_args(args)
-    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress, given=given)
+    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress, given=given,
+                                query_encoder=args.query_encoder or None, query_scale=args.query_scale)
     rate = info.passages / info.seconds if info.seconds > 0 else float("inf")
     print(f"built {info.path}: {info.passages} passages from {info.documents} documents, dim {info.dim}, "
           f"{index.kind} index")  # fmt: skip
@@ -149,7 +156,6 @@ def _add_bm25(out: Path, corpus: CorpusConfig, progress: bool) -> int:
 
 
 def run_hybrid(args: argparse.Namespace) -> int:
-    from rag.config import EncoderConfig as Enc
     from rag.hybrid import choose_hybrid_fusion
     from rag.retriever import HybridRetriever
     from rag.tasks import read_task, split_reserved
@@ -160,10 +166,11 @@ def run_hybrid(args: argparse.Namespace) -> int:
     examples = examples[: args.limit] if args.limit else examples
     if not examples:
         raise ValueError(f"{args.data}: no questions to choose the fusion on")
-    retriever = HybridRetriever.open(args.dir, encoder=Enc(path=args.query_encoder) if args.query_encoder else None)
+    index = knowledge_base(args)
+    retriever = HybridRetriever.open(index, encoder=query_encoder(args, index))
     provenance = {"task": args.task, "data": str(Path(args.data).resolve()), "part": args.part,
                   "limit": args.limit, "subset": args.subset}  # fmt: skip
-    choice = choose_hybrid_fusion(retriever, examples, k=args.k, kb_dir=args.dir, provenance=provenance)
+    choice = choose_hybrid_fusion(retriever, examples, k=args.k, kb_dir=index, provenance=provenance)
     for method in ("rrf", "interpolation"):
         best = max((t for t in choice.tried if t["method"] == method), key=lambda t: t[f"recall_at_{args.k}"])
         print(f"{method:>13}: best weight {best['weight']:.2f}, recall@{args.k} {100 * best[f'recall_at_{args.k}']:.1f}")
@@ -180,10 +187,11 @@ def describe(path: Path) -> dict[str, Any]:
         "passages": kb.meta["passages"],
         "documents": kb.meta["documents"],
         "skipped_records": kb.meta["skipped_records"],
-        "dim": kb.meta["dim"],
+        "dim": kb.index.dim,  # the index's own, not what meta.json says (open_knowledge_base checks they agree)
         "corpus": kb.meta["corpus"]["source"],
         "words_per_passage": kb.meta["corpus"]["words_per_passage"],
         "encoder": kb.meta["encoder"]["path"],
+        "query_encoder": _query_encoder_fact(kb.meta),
         "index": kb.meta["index"]["kind"]
         + (f" ({kb.meta['index']['factory']})" if kb.meta["index"]["factory"] else ""),
         "index_bytes": kb.index.nbytes,
@@ -192,6 +200,15 @@ def describe(path: Path) -> dict[str, Any]:
         "fingerprint": kb.meta["fingerprint"],
         **_bm25_facts(path),
     }
+
+
+def _query_encoder_fact(meta: dict[str, Any]) -> str:
+    try:
+        q = query_encoder_config(meta)
+    except ValueError as error:
+        return f"none ({error})"
+    recorded = "" if meta.get("query_encoder") else " (not recorded: built before q(x) was recorded; this rule's)"
+    return f"{q.path}, scale {q.scale:g}{recorded}"
 
 
 def _bm25_facts(path: Path) -> dict[str, Any]:
@@ -211,7 +228,7 @@ def _bm25_facts(path: Path) -> dict[str, Any]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    path = Path(args.dir)
+    path = Path(knowledge_base(args))
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a knowledge base folder (no {META_FILE})")
     facts = describe(path)

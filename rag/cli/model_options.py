@@ -1,5 +1,8 @@
-"""The model and decoding flags that `rag ask` and `rag serve` share: one definition, one reading.
+"""The flags that commands share: one definition, one reading.
 
+    add_index_arguments(parser)        # --index, --query-encoder, --query-scale: every command that reads
+    index = knowledge_base(args)       #   a knowledge base (ask, serve, search, eval, train, index info,
+    q = query_encoder(args, index)     #   index hybrid, index verify); the same default everywhere
     add_model_arguments(parser)        # --kind -k --checkpoint --index --retriever --generator --dtype ...
     asker = load_asker(args)           # rag.answering.Asker with the model and decoding those flags name
 """
@@ -7,10 +10,71 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from rag.answering import Asker, rag_model_config
-from rag.cli.search import add_retriever_arguments
-from rag.config import PROMPT_STYLES, DecodingConfig, RagConfig
+from rag.config import (
+    PROMPT_STYLES,
+    RETRIEVER_KINDS,
+    DecodingConfig,
+    EncoderConfig,
+    RagConfig,
+    RetrieverConfig,
+)
+
+INDEX_HELP = "knowledge base folder (default: the built-in one: Wikipedia summaries, built once into ~/.cache/rag)"
+
+
+def add_index_arguments(p: argparse.ArgumentParser, query_encoder: bool = True) -> None:
+    """--index (and, where q(x) is used, --query-encoder and --query-scale), as every command reads them."""
+    p.add_argument("--index", default="", help=INDEX_HELP)
+    if query_encoder:
+        p.add_argument("--query-encoder", default="",
+                       help="q(x) folder (default: the q(x) the knowledge base records, see rag index info)")
+        p.add_argument("--query-scale", type=float, default=None,
+                       help="q(x) = scale * pooled output, the prior's temperature (default: the knowledge "
+                            "base's; 20 for a normalised encoder, 1 otherwise)")
+
+
+def add_retriever_arguments(parser: argparse.ArgumentParser, default: str | None = "dense") -> None:
+    """--retriever and --bm25-temperature, as search, ask, eval and train take them."""
+    parser.add_argument("--retriever", choices=RETRIEVER_KINDS, default=default,
+                        help="dense: q(x).d(z) (the paper's); bm25: BM25 scores as fixed logits (its ablation); "
+                             "hybrid: both fused as the knowledge base's hybrid.json says (rag index hybrid). "
+                             "A missing BM25 index is built once into the knowledge base"
+                             + ("" if default else " (default: dense, or the checkpoint's)"))
+    parser.add_argument("--bm25-temperature", type=float, default=None,
+                        help="p(z|x) logits are BM25 score / this (default 1: the scores themselves, as the paper)")
+
+
+def retriever_config(args: argparse.Namespace, base: RetrieverConfig | None = None) -> RetrieverConfig:
+    """The RetrieverConfig the flags name, over `base` (a checkpoint's) where a flag is not given."""
+    base = base or RetrieverConfig()
+    return replace(base, kind=args.retriever or base.kind,
+                   bm25_temperature=args.bm25_temperature or base.bm25_temperature)  # fmt: skip
+
+
+def check_index_arguments(args: argparse.Namespace) -> None:
+    """Flag errors before any work."""
+    scale = getattr(args, "query_scale", None)
+    if scale is not None and not (0 < scale < float("inf")):
+        raise ValueError(f"--query-scale must be a finite number > 0, got {scale}")
+
+
+def knowledge_base(args: argparse.Namespace, progress: bool = True) -> str:
+    """The --index folder, or the default knowledge base (built once)."""
+    from rag.knowledge import default_knowledge_base
+
+    check_index_arguments(args)
+    return args.index or str(default_knowledge_base(progress=progress))
+
+
+def query_encoder(args: argparse.Namespace, index_dir: str) -> EncoderConfig:
+    """q(x) by the one rule (rag.knowledge.query_encoder_config), the flags overriding."""
+    from rag.knowledge import query_encoder_config
+
+    check_index_arguments(args)
+    return query_encoder_config(index_dir, args.query_encoder or None, args.query_scale)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +87,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--min-new-tokens", type=int, default=1)
-    p.add_argument("--index", default="", help="knowledge base folder (default: the built-in one)")
+    add_index_arguments(p)
     add_retriever_arguments(p, default=None)
     p.add_argument("--generator", default="", help="generator path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu")
@@ -52,8 +116,10 @@ def decoding_config(args: argparse.Namespace) -> DecodingConfig:
 def model_config(args: argparse.Namespace) -> RagConfig:
     if args.k is not None and args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    check_index_arguments(args)
     return rag_model_config(args.kind, args.k, args.index, args.generator, args.dtype, args.prompt,
-                            args.checkpoint, args.device, args.retriever, args.bm25_temperature)  # fmt: skip
+                            args.checkpoint, args.device, args.retriever, args.bm25_temperature,
+                            args.query_encoder, args.query_scale)  # fmt: skip
 
 
 def load_asker(args: argparse.Namespace) -> Asker:

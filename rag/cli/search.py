@@ -1,58 +1,50 @@
-"""`rag search INDEX "query" -k 5`: the top-k passages of a knowledge base for one or more queries."""
+"""`rag search "query" -k 5 [--index KB]`: the top-k passages of a knowledge base for one or more queries."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import textwrap
-from dataclasses import replace
+from pathlib import Path
 
 from rag.answering import search_hits
-from rag.config import RETRIEVER_KINDS, EncoderConfig, RetrieverConfig
+from rag.cli.model_options import (
+    add_index_arguments,
+    add_retriever_arguments,
+    knowledge_base,
+    query_encoder,
+    retriever_config,
+)
 from rag.retriever import open_retriever
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("search", help="retrieve the top-k passages for queries")
-    parser.add_argument("index", help="a knowledge base folder (rag index build --out)")
     parser.add_argument("queries", nargs="+", help="one or more queries")
+    add_index_arguments(parser)
     parser.add_argument("-k", type=int, default=5, help="passages per query")
     parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per query")
-    parser.add_argument(
-        "--query-encoder", default="", help="q(x) directory (default: the index's d(z) encoder)"
-    )
     add_retriever_arguments(parser)
     parser.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
 
 
-def add_retriever_arguments(parser: argparse.ArgumentParser, default: str | None = "dense") -> None:
-    """--retriever and --bm25-temperature, as search, ask, eval and train take them."""
-    parser.add_argument("--retriever", choices=RETRIEVER_KINDS, default=default,
-                        help="dense: q(x).d(z) (the paper's); bm25: BM25 scores as fixed logits (its ablation); "
-                             "hybrid: both fused as the knowledge base's hybrid.json says (rag index hybrid). "
-                             "A missing BM25 index is built once into the knowledge base"
-                             + ("" if default else " (default: dense, or the checkpoint's)"))
-    parser.add_argument("--bm25-temperature", type=float, default=None,
-                        help="p(z|x) logits are BM25 score / this (default 1: the scores themselves, as the paper)")
-
-
-def retriever_config(args: argparse.Namespace, base: RetrieverConfig | None = None) -> RetrieverConfig:
-    """The RetrieverConfig the flags name, over `base` (a checkpoint's) where a flag is not given."""
-    base = base or RetrieverConfig()
-    return replace(base, kind=args.retriever or base.kind,
-                   bm25_temperature=args.bm25_temperature or base.bm25_temperature)  # fmt: skip
-
-
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    encoder = EncoderConfig(path=args.query_encoder) if args.query_encoder else None
-    if encoder is not None and args.retriever == "bm25":
-        raise ValueError("--query-encoder is for the dense and hybrid retrievers, not bm25")
-    retriever = open_retriever(args.index, retriever_config(args), encoder=encoder)
+    empty = [i + 1 for i, q in enumerate(args.queries) if not q.strip()]
+    if empty:
+        raise ValueError(f"query {empty[0]} is empty")
+    first = Path(args.queries[0])
+    if not args.index and len(args.queries) > 1 and (first / "meta.json").is_file():
+        raise ValueError(f"{first} is a knowledge base, not a query: give it as --index {first}")
+    if (args.query_encoder or args.query_scale is not None) and args.retriever == "bm25":
+        raise ValueError("--query-encoder and --query-scale are for the dense and hybrid retrievers, not bm25")
+    index = knowledge_base(args)
+    encoder = query_encoder(args, index) if args.retriever != "bm25" else None
+    retriever = open_retriever(index, retriever_config(args), encoder=encoder)
     if args.k > len(retriever.index):
-        raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {args.index}")
+        raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {index}")
     retrieved = retriever.retrieve(args.queries, args.k)
     for i, query in enumerate(args.queries):
         rows = search_hits(retrieved, i)

@@ -16,8 +16,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rag.cli.search import add_retriever_arguments, retriever_config
-from rag.config import DEFAULT_QUERY_SCALE, PROMPT_STYLES, EncoderConfig, GeneratorConfig, RagConfig
+from rag.cli.model_options import (
+    add_index_arguments,
+    add_retriever_arguments,
+    knowledge_base,
+    query_encoder,
+    retriever_config,
+)
+from rag.config import PROMPT_STYLES, GeneratorConfig, RagConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="task format of --train and --dev: a rag.tasks reader (open-qa, nq-open, dpr-qa, kilt, ...)")
     p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
-    p.add_argument("--index", default="", help="knowledge base folder (default: the packaged Wikipedia one)")
-    p.add_argument("--query-encoder", default="", help="q(x) folder (default: the knowledge base's encoder)")
+    add_index_arguments(p)
     add_retriever_arguments(p)  # bm25: p(z|x) is fixed, only the generator learns (the paper's ablation)
-    p.add_argument("--query-scale", type=float, default=DEFAULT_QUERY_SCALE,
-                   help="q(x) = scale * pooled output: the temperature of p(z|x) over cosine scores")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--generator", default="", help="generator folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--kind", choices=["token", "sequence"], default="token")
@@ -72,18 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def rag_config(args: argparse.Namespace) -> RagConfig:
-    """The model the flags name; q(x) defaults to the knowledge base's own passage encoder."""
-    from rag.knowledge import default_knowledge_base, encoder_config, open_knowledge_base
-
-    index_dir = args.index or str(default_knowledge_base())
-    if args.query_encoder:
-        query_encoder = EncoderConfig(path=args.query_encoder, scale=args.query_scale)
-    else:
-        passage_side = encoder_config(open_knowledge_base(index_dir).meta)
-        query_encoder = dataclasses.replace(passage_side, scale=args.query_scale)
+    """The model the flags name; q(x) by the one rule (the knowledge base's recorded q(x))."""
+    index_dir = knowledge_base(args)
     generator = GeneratorConfig(prompt=args.prompt)
     generator = dataclasses.replace(generator, path=args.generator) if args.generator else generator
-    return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder, generator=generator,
+    return RagConfig(kind=args.kind, k=args.k, query_encoder=query_encoder(args, index_dir), generator=generator,
                      index_dir=index_dir, retriever=retriever_config(args))  # fmt: skip
 
 
