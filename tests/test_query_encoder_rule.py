@@ -114,7 +114,7 @@ def test_index_means_a_knowledge_base_with_the_same_default_on_every_command():
         options = {o: a for a in sub._actions for o in a.option_strings}
         if "--index" in options:
             commands[name] = options["--index"]
-    assert {("ask",), ("search",), ("eval",), ("train",), ("index", "info"), ("index", "hybrid")} <= set(commands)
+    assert {("ask",), ("serve",), ("search",), ("eval",), ("train",), ("index", "info"), ("index", "hybrid")} <= set(commands)
     for name, action in commands.items():
         assert (action.default, action.help) == ("", INDEX_HELP), name
     # building writes a knowledge base: --out; the index type is --index-type

@@ -92,11 +92,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     def load() -> Served:
-        from rag.knowledge import default_knowledge_base
+        from rag.knowledge import default_knowledge_base, query_encoder_config
 
         asker = Asker.load(rag_config, decoding, args.device)
         index_dir = Path(rag_config.index_dir) if rag_config.index_dir else default_knowledge_base(progress=False)
-        model = {"checkpoint": args.checkpoint or None, "query_encoder": rag_config.query_encoder.path,
+        query = rag_config.query_encoder or query_encoder_config(index_dir)  # the one rule, as the model used
+        model = {"checkpoint": args.checkpoint or None, "query_encoder": query.path,
                  "prompt": rag_config.generator.prompt, "torch_threads": torch.get_num_threads()}  # fmt: skip
         return Served(asker, index_dir.resolve(), model)
 
