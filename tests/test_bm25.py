@@ -300,3 +300,33 @@ def test_rag_with_hybrid_trains_q_through_its_share_of_the_prior(word_kb):
     torch.testing.assert_close(out.doc_logprior, torch.log_softmax(retrieved.scores, 1), atol=1e-5, rtol=0)
     out.loss.backward()
     assert sum(p.grad.abs().sum() for p in model.query_encoder.parameters() if p.grad is not None) > 0
+
+
+def test_cli_eval_and_ask_with_bm25(kb, tmp_path, capsys):
+    """rag eval and rag ask take --retriever: the prior is softmax(BM25 / T) over the top k, and a run
+    folder remembers its retriever (resuming it with another one is refused)."""
+    from tiny_generators import tiny_bart
+
+    gen = tiny_bart(seed=6)
+    gen.model.save_pretrained(tmp_path / "gen")
+    gen.tokenizer.save_pretrained(tmp_path / "gen")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": ["Luanda"]}) + "\n" for q in QUERIES))
+    common = ["eval", "--task", "nq-open", "--data", str(data), "--index", str(kb), "--out", str(tmp_path / "out"),
+              "--no-progress", "--max-new-tokens", "3", "--generator", str(tmp_path / "gen"), "-k", "2"]  # fmt: skip
+    assert main([*common, "--retriever", "bm25", "--bm25-temperature", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "rag-token-k2" / "predictions.jsonl").open()]
+    _, want = BM25Index.load(kb / BM25_DIR).search(QUERIES, 2)
+    for record, scores in zip(records, want, strict=True):
+        np.testing.assert_allclose([r["score"] for r in record["retrieved"][:2]], scores / 2, rtol=1e-5)
+        np.testing.assert_allclose(record["doc_prior"], torch.softmax(torch.tensor(scores / 2), 0).numpy(), atol=1e-5)
+    assert json.loads((tmp_path / "out" / "rag-token-k2" / "run.json").read_text())["retriever"]["kind"] == "bm25"
+    capsys.readouterr()
+    assert main([*common, "--retriever", "dense"]) == 2
+    assert "different run" in capsys.readouterr().err
+    ask = ["ask", "--index", str(kb), "--generator", str(tmp_path / "gen"), "--retriever", "bm25", "-k", "2",
+           "--max-new-tokens", "3", "--json", "capital of Portugal"]  # fmt: skip
+    assert main(ask) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["passages"][0]["title"] == "Portugal"
+    assert sum(p["prior"] for p in answer["passages"]) == pytest.approx(1.0, abs=1e-5)
