@@ -104,12 +104,15 @@ def _fever_section(fever: dict[str, Any]) -> list[str]:
              "untrained**, scoring the one-token labels true/false under RAG (k = 5; `rag eval`'s "
              "classification); trained fact verification is issue 15's. Majority class: "
              f"{_pct(fever['majority'])}%.", "",
-             "| retriever | evidence R@1 | R@5 | R@20 | label accuracy (2-way, zero-shot) | predicted SUPPORTS |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| retriever | evidence R@1 | R@5 | R@20 | label accuracy (2-way, zero-shot) | predicted SUPPORTS | "
+             "AUC of p(SUPPORTS) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in fever["retrievers"].items():
         e = r["evidence_recall"]
+        auc = f"{r['auc']:.3f}" if r.get("auc") is not None else "-"
         lines.append(f"| {LABELS[label]} | {_pct(e['1'])} | {_pct(e['5'])} | {_pct(e['20'])} | "
-                     f"{_pct(r['accuracy'])} | {_pct(r['predicted_supports'])} |")  # fmt: skip
+                     f"{_pct(r['accuracy'])} | {_pct(r['predicted_supports'])} | {auc} |")  # fmt: skip
+    lines += ["", "AUC (threshold-free, 0.5 = chance): how well the untrained generator's p(SUPPORTS) separates "
+              "the two labels with each retriever's evidence, whatever its bias towards one label."]
     return lines + [""]
 
 

@@ -199,6 +199,18 @@ def evidence_recall(retriever: Any, claims: list[Example], gold: dict[str, set[s
     return {str(k): float(np.mean([any(h[:k]) for h in hits])) for k in RECALL_KS} | {"n": len(judged)}
 
 
+def supports_auc(records: list[dict[str, Any]]) -> float:
+    """ROC AUC of p(SUPPORTS) between SUPPORTS and REFUTES claims (Mann-Whitney; ties count half): how
+    well the scores separate the labels whatever the model's bias towards one label."""
+    p = np.array([r["class_probs"][FEVER_2WAY.labels.index("SUPPORTS")] for r in records])
+    positive = np.array([r["label"] == "SUPPORTS" for r in records])
+    pos, neg = p[positive], p[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
 def fever_stage(data: Path, encoder: Any, generator: Any, args: argparse.Namespace) -> dict[str, Any]:
     kb, claims, gold, built_s = climate_fever(data, KB_ROOT)
     chosen = sample(claims, args.fever)
@@ -214,9 +226,10 @@ def fever_stage(data: Path, encoder: Any, generator: Any, args: argparse.Namespa
         recall = evidence_recall(retriever, chosen, gold)
         result = evaluate(chosen, Path(args.out) / "fever" / f"acc-{label}-{slug}", retriever=retriever,
                           generator=generator, config=config, task={"set": "climate-fever-2way", "n": len(chosen)})  # fmt: skip
-        predicted = [json.loads(line)["prediction"] for line in open(result.out_dir / "predictions.jsonl", encoding="utf-8")]
+        records = [json.loads(line) for line in open(result.out_dir / "predictions.jsonl", encoding="utf-8")]
         out["retrievers"][label] = {"evidence_recall": recall, "accuracy": result.metrics["accuracy"],
-                                    "predicted_supports": float(np.mean([p == "SUPPORTS" for p in predicted]))}  # fmt: skip
+                                    "predicted_supports": float(np.mean([r["prediction"] == "SUPPORTS" for r in records])),
+                                    "auc": supports_auc(records)}  # fmt: skip
     return out
 
 

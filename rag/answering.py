@@ -242,17 +242,16 @@ def _evidence(retrieved, b: int, prior: list[float], posterior: list[float]) -> 
 
 
 def search_hits(retrieved, b: int) -> list[dict[str, Any]]:
-    """Query b's passages as `rag search --json` and the server's /v1/search write them."""
-    return [
-        {
-            "rank": rank + 1,
-            "score": float(retrieved.scores[b, rank]),  # the logit of p(z|x)
-            "id": retrieved.ids[b][rank],
-            "title": retrieved.titles[b][rank],
-            "text": retrieved.texts[b][rank],
-        }
-        for rank in range(retrieved.k)
-    ]
+    """Query b's passages as `rag search --json` and the server's /v1/search write them; a hybrid's
+    also carry the fusion's score that orders them (fused_score), beside the p(z|x) logit."""
+    out = []
+    for rank in range(retrieved.k):
+        hit: dict[str, Any] = {"rank": rank + 1, "score": float(retrieved.scores[b, rank])}  # the logit of p(z|x)
+        if retrieved.ranking_scores is not None:
+            hit["fused_score"] = float(retrieved.ranking_scores[b, rank])
+        hit.update(id=retrieved.ids[b][rank], title=retrieved.titles[b][rank], text=retrieved.texts[b][rank])
+        out.append(hit)
+    return out
 
 
 def _checked(questions: list[str]) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from rag.bm25 import BM25Index, open_bm25_index
 from rag.config import EncoderConfig, FusionConfig, RetrieverConfig
 from rag.encoders import Encoder, load_encoder
-from rag.fusion import Candidates, fuse, load_fusion, union_candidates
+from rag.fusion import Candidates, fuse, fused_scores, load_fusion, union_candidates
 from rag.index import DenseIndex
 from rag.knowledge import open_knowledge_base, query_encoder_config
 from rag.mips import topk_rows
@@ -43,6 +43,8 @@ class Retrieved:
     # dense None and 1.0, BM25 its logits and 0.0, hybrid (1 - w) * BM25 / T and w.
     fixed_logits: torch.Tensor | None = None  # (B, K) float32
     query_weight: float = 1.0
+    # The score the list is ordered by where it is not `scores` (hybrid: the fusion's), else None.
+    ranking_scores: torch.Tensor | None = None  # (B, K) float32, best first
 
     @property
     def k(self) -> int:
@@ -63,7 +65,8 @@ def _check_questions(questions: list[str]) -> None:
 
 
 def _assemble(passages: PassageStore, rows: np.ndarray, scores: torch.Tensor, embeddings: torch.Tensor,
-              fixed_logits: torch.Tensor | None = None, query_weight: float = 1.0) -> Retrieved:  # fmt: skip
+              fixed_logits: torch.Tensor | None = None, query_weight: float = 1.0,
+              ranking_scores: torch.Tensor | None = None) -> Retrieved:  # fmt: skip
     """The typed result for rows (B, K) of the passage store."""
     got = passages.get(rows.reshape(-1))
     b, kk = rows.shape
@@ -77,6 +80,7 @@ def _assemble(passages: PassageStore, rows: np.ndarray, scores: torch.Tensor, em
         texts=[[p.text for p in row] for row in grid],
         fixed_logits=fixed_logits,
         query_weight=query_weight,
+        ranking_scores=ranking_scores,
     )
 
 
@@ -232,13 +236,15 @@ class HybridRetriever:
         """Top-k passages by the fused ranking; query_vectors (B, D) as for the dense retriever."""
         cands = self.candidates(questions, max(k, self.fusion.depth), batch_size, query_vectors)
         order = fuse(cands, self.fusion, k)  # (B, K) positions into the candidates
+        fused = torch.from_numpy(np.take_along_axis(fused_scores(cands, self.fusion), order, 1).astype(np.float32))
         rows = np.take_along_axis(cands.rows, order, 1)  # (B, K)
         dense = torch.from_numpy(np.take_along_axis(cands.dense, order, 1))  # (B, K) q(x).d(z)
         bm25 = torch.from_numpy(np.take_along_axis(cands.bm25, order, 1) / np.float32(self.temperature))
         w = self.fusion.weight
         fixed = (1.0 - w) * bm25  # (B, K)
         emb = torch.from_numpy(self.dense.index.embeddings(rows.reshape(-1)).reshape(*rows.shape, -1))  # (B, K, D)
-        return _assemble(self.passages, rows, w * dense + fixed, emb.float(), fixed_logits=fixed, query_weight=w)
+        return _assemble(self.passages, rows, w * dense + fixed, emb.float(), fixed_logits=fixed, query_weight=w,
+                         ranking_scores=fused)
 
 
 AnyRetriever = Retriever | BM25Retriever | HybridRetriever

@@ -226,6 +226,7 @@ def test_hybrid_equals_fusion_of_the_full_rankings(kb, method):
         fused = {r: _fused_by_hand(method, r, d_score, b_score, d_rank, b_rank) for r in range(len(PASSAGES))}
         want = sorted(fused.values(), reverse=True)[:4]
         assert [fused[r] for r in got.rows[b].tolist()] == pytest.approx(want)
+        np.testing.assert_allclose(got.ranking_scores[b].numpy(), want, rtol=1e-5, atol=1e-5)  # what orders the list
         # the logits of p(z|x): 0.3 q(x).d(z) + 0.7 BM25 / 2
         logits = [0.3 * d_score[r] + 0.7 * b_score[r] / 2.0 for r in got.rows[b].tolist()]
         np.testing.assert_allclose(got.scores[b].numpy(), logits, rtol=1e-5, atol=1e-6)

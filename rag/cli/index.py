@@ -221,7 +221,8 @@ def _bm25_facts(path: Path) -> dict[str, Any]:
     fusion, chosen_on = load_fusion(path)
     size = sum(f.stat().st_size for f in (path / BM25_DIR).rglob("*") if f.is_file())
     hybrid = f"{fusion.method}, dense weight {fusion.weight:.2f}" + (
-        f" (chosen on {chosen_on.get('questions')} questions of {chosen_on.get('task')})" if chosen_on
+        f" (chosen on {chosen_on.get('questions')} questions of {chosen_on.get('task') or chosen_on.get('set')})"
+        if chosen_on
         else " (defaults: rag index hybrid chooses on development questions)")  # fmt: skip
     return {"bm25": f"{meta['terms']} terms, {size} bytes, built in {meta.get('build_seconds', '?')} s",
             "hybrid": hybrid}  # fmt: skip

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"query: {query}")
         for hit in rows:
             snippet = textwrap.shorten(hit["text"], width=max(20, args.width), placeholder=" ...")
-            print(f"{hit['rank']:>3}. {hit['score']:.4f}  {hit['title']}  [{hit['id']}]")
+            fused = f" (fused {hit['fused_score']:.4f})" if "fused_score" in hit else ""
+            print(f"{hit['rank']:>3}. {hit['score']:.4f}{fused}  {hit['title']}  [{hit['id']}]")
             print(f"       {snippet}")
         print()
     return 0
