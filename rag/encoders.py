@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rag.config import DEFAULT_QUERY_SCALE, EncoderConfig
+from rag.lora import apply_deltas
 from rag.resources import resolve_path
 
 Pooling = Literal["cls", "mean", "pooler"]
@@ -292,6 +293,7 @@ def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> E
     else:
         model_class = AutoModel
     model = model_class.from_pretrained(layout.model_dir)
+    apply_deltas(model, config.deltas)
     tokenizer = AutoTokenizer.from_pretrained(layout.model_dir)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     encoder = Encoder(

@@ -10,6 +10,7 @@ Shapes: B questions, K passages, T target length, V vocabulary, D embedding dime
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,6 +25,7 @@ from rag.generators import Generator, TargetBatch, load_generator
 if TYPE_CHECKING:  # the encoder/retriever modules import torch models only when used
     from collections.abc import Generator as Stream
 
+    from rag.counterfactual import Substitution
     from rag.decoding import Generation, TokenStep
     from rag.encoders import Encoder
     from rag.retriever import AnyRetriever, Retrieved
@@ -56,6 +58,19 @@ def _repeat_targets(targets: TargetBatch, k: int) -> TargetBatch:
     """Target b once per passage: rows b*K + j, the generator's row layout."""
     rows = torch.arange(targets.ids.shape[0], device=targets.ids.device).repeat_interleave(k)  # (B*K,)
     return targets.select(rows)
+
+
+def _counterfactual(passages: list[list[tuple[str, str]]], targets: list[str],
+                    substitutions: Sequence[Substitution | None]) -> tuple[list[list[tuple[str, str]]], list[str]]:  # fmt: skip
+    from rag.counterfactual import substitute_passages
+
+    passages, targets = list(passages), list(targets)
+    for b, substitution in enumerate(substitutions):
+        if substitution is not None:
+            rewritten, changed = substitute_passages(passages[b], substitution)
+            if changed:  # a passage now states the substitute: it is what the reader must answer
+                passages[b], targets[b] = rewritten, substitution.replacement
+    return passages, targets
 
 
 class RagModel(nn.Module):
@@ -102,7 +117,16 @@ class RagModel(nn.Module):
         tokens = {name: t.to(device) for name, t in self.query_encoder.tokenize(questions).items()}
         return self.query_encoder(tokens["input_ids"], tokens["attention_mask"])
 
-    def forward(self, questions: list[str], targets: list[str], label_smoothing: float = 0.0) -> RagOutput:
+    def forward(
+        self,
+        questions: list[str],
+        targets: list[str],
+        label_smoothing: float = 0.0,
+        substitutions: Sequence[Substitution | None] | None = None,
+    ) -> RagOutput:
+        """The RAG loss of `targets` given `questions` (sec 2.4). substitutions[b] (training only,
+        rag.counterfactual): rewrite question b's retrieved passages to state another answer, which
+        becomes its target, when any retrieved passage names the true one."""
         # BM25 alone: p(z|x) does not depend on q(x), which is not even computed (nothing to train there)
         weight = self.retriever.query_weight  # 1 dense, 0 BM25, w hybrid
         query = self.encode_questions(questions) if weight > 0 else None  # (B, D), in the graph
@@ -118,7 +142,10 @@ class RagModel(nn.Module):
                 embeddings = encode_passages(self.passage_encoder, retrieved.titles, retrieved.texts)  # (B, K, D)
             # (B, K), in the graph; equals retrieved.scores if d(z) is fixed
             scores = weight * doc_scores(query, embeddings) + scores
-        out = self.score_passages(questions, targets, _passages(retrieved), scores, label_smoothing)
+        passages = _passages(retrieved)
+        if substitutions is not None:
+            passages, targets = _counterfactual(passages, targets, substitutions)
+        out = self.score_passages(questions, targets, passages, scores, label_smoothing)
         return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved)
 
     def score_passages(

@@ -28,7 +28,9 @@ from torch import nn
 from rag.config import (
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_FORMAT,
+    CHECKPOINT_GENERATOR_DELTA_DIR,
     CHECKPOINT_KNOWLEDGE_DIR,
+    CHECKPOINT_QUERY_DELTA_DIR,
     EncoderConfig,
     RagConfig,
     TrainConfig,
@@ -39,7 +41,13 @@ from rag.config import (
 )
 from rag.encoders import saved_encoder_config
 from rag.io import atomic_dir
-from rag.knowledge import open_knowledge_base, save_knowledge_base
+from rag.knowledge import (
+    default_knowledge_base,
+    open_knowledge_base,
+    query_encoder_config,
+    save_knowledge_base,
+)
+from rag.lora import adapted_modules, base_fingerprint, delta_tensors, load_delta_into, read_delta, save_delta
 from rag.model import RagModel
 from rag.retriever import Retriever
 from rag.tensor_state import load_state, save_state, state_files
@@ -53,13 +61,35 @@ STATE_NAME = "trainer_state"  # trainer_state.safetensors + trainer_state.json
 PICKLED_STATE_FILE = "trainer_state.pt"  # what versions before the safe format wrote; never unpickled
 PASSAGE_ENCODER_DIR = "passage_encoder"
 KNOWLEDGE_DIR = CHECKPOINT_KNOWLEDGE_DIR
+QUERY_DELTA_DIR = CHECKPOINT_QUERY_DELTA_DIR
+GENERATOR_DELTA_DIR = CHECKPOINT_GENERATOR_DELTA_DIR
+
+
+def resolve_base(spec: str) -> str:
+    """A base model path as a checkpoint records it: `package:` specs stay portable, others absolute."""
+    return spec if spec.startswith("package:") else str(Path(spec).expanduser().resolve())
+
+
+def _query_base(config: TrainConfig) -> EncoderConfig:
+    """The q(x) a run started from: its config's, else the one its knowledge base records."""
+    return config.rag.query_encoder or query_encoder_config(config.rag.index_dir or default_knowledge_base())
 
 
 def _saved_rag_config(model: RagModel, config: TrainConfig) -> RagConfig:
-    """The run's RagConfig, pointing q(x), the generator (and a trained knowledge base) at this folder."""
-    base = config.rag.query_encoder or EncoderConfig()
-    query_encoder = saved_encoder_config(model.query_encoder, base, "query_encoder")
-    generator = dataclasses.replace(config.rag.generator, path="generator", family=model.generator.family)
+    """The run's RagConfig, pointing q(x), the generator (and a trained knowledge base) at this folder.
+    A LoRA-trained part keeps its base path and gains this folder's delta (relative: resolved on load)."""
+    if adapted_modules(model.query_encoder.model):
+        query = _query_base(config)
+        query_encoder = dataclasses.replace(query, path=resolve_base(query.path), deltas=(*query.deltas, QUERY_DELTA_DIR))
+    else:
+        query_encoder = saved_encoder_config(model.query_encoder, config.rag.query_encoder or EncoderConfig(),
+                                             "query_encoder")  # fmt: skip
+    gen = config.rag.generator
+    if adapted_modules(model.generator.model):
+        generator = dataclasses.replace(gen, path=resolve_base(gen.path), family=model.generator.family,
+                                        deltas=(*gen.deltas, GENERATOR_DELTA_DIR))  # fmt: skip
+    else:
+        generator = dataclasses.replace(gen, path="generator", family=model.generator.family)
     index_dir = str(Path(config.rag.index_dir).resolve()) if config.rag.index_dir else ""
     if model.passage_encoder is not None:
         index_dir = KNOWLEDGE_DIR  # relative: checkpoint_rag_config resolves it
@@ -74,10 +104,16 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
     """Write the checkpoint folder; it replaces `path` in one rename, only once complete."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.query_encoder.model.save_pretrained(tmp / "query_encoder")
-        model.query_encoder.tokenizer.save_pretrained(tmp / "query_encoder")
-        model.generator.model.save_pretrained(tmp / "generator")
-        model.generator.tokenizer.save_pretrained(tmp / "generator")
+        parts = ((model.query_encoder, config.query_lora, QUERY_DELTA_DIR, "query_encoder", _query_base(config).path),
+                 (model.generator, config.generator_lora, GENERATOR_DELTA_DIR, "generator", config.rag.generator.path))
+        for part, spec, delta_dir, full_dir, base in parts:
+            if adapted_modules(part.model):  # LoRA: only the trained pairs, and which base they apply to
+                assert spec is not None
+                save_delta(tmp / delta_dir, delta_tensors(part.model), spec,
+                           {"path": str(base), "fingerprint": base_fingerprint(part.model)})  # fmt: skip
+            else:
+                part.model.save_pretrained(tmp / full_dir)
+                part.tokenizer.save_pretrained(tmp / full_dir)
         if model.passage_encoder is not None:
             model.passage_encoder.model.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
             model.passage_encoder.tokenizer.save_pretrained(tmp / PASSAGE_ENCODER_DIR)
@@ -120,8 +156,12 @@ def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim
     """Restore weights, optimiser, schedule and RNG from a checkpoint; returns the step it holds."""
     path = Path(path)
     read_checkpoint_config(path)
-    _load_weights(model.query_encoder.model, path / "query_encoder" / "model.safetensors")
-    _load_weights(model.generator.model, path / "generator" / "model.safetensors")
+    for module, delta_dir, full_dir in ((model.query_encoder.model, QUERY_DELTA_DIR, "query_encoder"),
+                                        (model.generator.model, GENERATOR_DELTA_DIR, "generator")):  # fmt: skip
+        if adapted_modules(module):
+            load_delta_into(module, read_delta(path / delta_dir).tensors)
+        else:
+            _load_weights(module, path / full_dir / "model.safetensors")
     if model.passage_encoder is not None:
         _load_weights(model.passage_encoder.model, path / PASSAGE_ENCODER_DIR / "model.safetensors")
         kb = open_knowledge_base(path / KNOWLEDGE_DIR)  # the index as it was at this step

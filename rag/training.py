@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 
 from rag.config import DecodingConfig, TrainConfig
+from rag.counterfactual import SubstitutePool, Substitution
 from rag.io import atomic_path
+from rag.lora import adapted_modules, attach
 from rag.metrics import exact_match, has_answer, regex_match
 from rag.model import RagModel
 from rag.passage_training import attach_passage_encoder, reindex
@@ -30,7 +33,7 @@ from rag.tasks import Example, read_task
 from rag.train_checkpoint import load_trainer_state, save_checkpoint
 
 __all__ = ["DevScores", "Example", "TrainConfig", "TrainResult", "batch_order", "check_trainable", "doc_entropy",
-           "evaluate_dev", "lr_factor", "make_optimizer", "read_examples", "train", "train_step"]  # fmt: skip
+           "draw_substitutions", "evaluate_dev", "lr_factor", "make_optimizer", "read_examples", "train", "train_step"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,10 @@ def make_optimizer(model: RagModel, config: TrainConfig) -> tuple[torch.optim.Op
         frozen = not config.train_passage_encoder
         parts.append((model.passage_encoder, frozen, config.lr if config.passage_lr is None else config.passage_lr))
     for module, frozen, lr in parts:
-        module.requires_grad_(not frozen)
+        if frozen:
+            module.requires_grad_(False)
+        elif not adapted_modules(module):  # a LoRA-adapted module keeps its base weights frozen
+            module.requires_grad_(True)
         if not frozen:
             groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
     if not groups:
@@ -122,16 +128,33 @@ def doc_entropy(doc_logprior: torch.Tensor) -> float:
     return float(-(doc_logprior.exp() * doc_logprior).sum(-1).mean())
 
 
+def draw_substitutions(batch: Sequence[Example], pool: SubstitutePool | None, rate: float, seed: int, step: int,
+                       micro: int) -> list[Substitution | None] | None:  # fmt: skip
+    """Which examples of micro-batch `micro` of optimiser step `step` get counterfactual passages, and
+    their substitutes: a function of (seed, step, micro, position) alone, so a resumed run draws the same."""
+    if pool is None or rate <= 0:
+        return None
+    out: list[Substitution | None] = []
+    for j, example in enumerate(batch):
+        rng = random.Random(f"counterfactual-{seed}-{step}-{micro}-{j}")
+        out.append(pool.draw(example.input, example.answers, rng) if rng.random() < rate else None)
+    return out
+
+
 def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: TrainConfig,
-               optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:  # fmt: skip
-    """One optimiser step over `grad_accum` micro-batches; returns the step's log record."""
+               optimizer: torch.optim.Optimizer, scheduler: Any, step: int = 0,
+               pool: SubstitutePool | None = None) -> dict[str, float]:  # fmt: skip
+    """One optimiser step over `grad_accum` micro-batches; returns the step's log record. `pool`: the
+    substitutes of counterfactual passages (config.counterfactual_rate), drawn by draw_substitutions."""
     start = time.perf_counter()
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, entropy, tokens, rows = 0.0, 0.0, 0, set()
-    for batch in batches:
+    loss_sum, entropy, tokens, rows, rewritten = 0.0, 0.0, 0, set(), 0
+    for micro, batch in enumerate(batches):
+        substitutions = draw_substitutions(batch, pool, config.counterfactual_rate, config.seed, step, micro)
+        rewritten += sum(s is not None for s in substitutions or [])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            out = model([e.input for e in batch], [e.target for e in batch], config.label_smoothing)
+            out = model([e.input for e in batch], [e.target for e in batch], config.label_smoothing, substitutions)
         (out.loss / len(batches)).backward()
         loss_sum += out.loss.item() / len(batches)
         entropy += doc_entropy(out.doc_logprior.float().detach()) / len(batches)
@@ -144,8 +167,11 @@ def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: Tr
     optimizer.step()
     scheduler.step()
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
-            "doc_entropy": entropy, "distinct_passages": len(rows), "seconds": seconds}  # fmt: skip
+    record = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
+              "doc_entropy": entropy, "distinct_passages": len(rows), "seconds": seconds}  # fmt: skip
+    if pool is not None:
+        record["counterfactual_drawn"] = rewritten
+    return record
 
 
 @torch.no_grad()
@@ -185,7 +211,11 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
         raise ValueError(f"training d(z) needs the dense retriever, not {model.retriever.kind!r}")
     if config.train_passage_encoder and model.passage_encoder is None:
         attach_passage_encoder(model, config.rag.index_dir, model.generator.device)
+    attach_lora(model, config)
     optimizer, scheduler = make_optimizer(model, config)
+    pool = None
+    if config.counterfactual_rate > 0:
+        pool = SubstitutePool((e.input, e.target) for e in train_data)
     step = 0
     if resume:
         if out is None:
@@ -202,7 +232,8 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
         while step < last:
             ids = batch_order(len(train_data), config.batch_size, config.seed, step * config.grad_accum,
                               config.grad_accum)  # fmt: skip
-            record = train_step(model, [[train_data[i] for i in b] for b in ids], config, optimizer, scheduler)
+            record = train_step(model, [[train_data[i] for i in b] for b in ids], config, optimizer, scheduler,
+                                step, pool)  # fmt: skip
             step += 1
             losses.append(record["loss"])
             if config.train_passage_encoder and (step == config.steps or
@@ -212,14 +243,24 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
                 dev = evaluate_dev(model, dev_data, config)
                 record.update({f"dev_{k}": v for k, v in dev.__dict__.items()})
             _emit(log, bar, step, record, on_step)
-            if out is not None and (step == last or (config.save_every and step % config.save_every == 0)):
+            snapshot = bool(config.snapshot_every) and step % config.snapshot_every == 0
+            if out is not None and (step == last or snapshot or (config.save_every and step % config.save_every == 0)):
                 save_checkpoint(out / "checkpoint", model, config, optimizer, scheduler, step)
+                if snapshot:  # what an ablation compares with at equal steps
+                    save_checkpoint(out / "snapshots" / f"step-{step}", model, config, optimizer, scheduler, step)
     finally:
         if log is not None:
             log.close()
         if bar is not None:
             bar.close()
     return TrainResult(step, losses, dev, out / "checkpoint" if out is not None else None)
+
+
+def attach_lora(model: RagModel, config: TrainConfig) -> None:
+    """Inject the configured LoRA layers (once: a model that already has them keeps them)."""
+    for module, spec in ((model.generator.model, config.generator_lora), (model.query_encoder.model, config.query_lora)):
+        if spec is not None and not adapted_modules(module):
+            attach(module, spec)
 
 
 def _reindex(model: RagModel, record: dict[str, float]) -> None:

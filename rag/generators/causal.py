@@ -52,7 +52,7 @@ class CausalGenerator(Generator):
         self.last_logits_only = {"logits_to_keep": 1} if keeps else {}
         if self.chat:
             self.eos_token_id = self._end_of_turn_id()
-        elif self.demonstrations:
+        else:  # short-answer and plain: the answer is one line (the trained reader's layout is plain)
             self.eos_token_id = self._newline_id()
 
     def _end_of_turn_id(self) -> int:

@@ -14,6 +14,7 @@ from rag.generators.base import Generator
 from rag.generators.causal import CausalGenerator
 from rag.generators.seq2seq import Seq2SeqGenerator
 from rag.io import atomic_dir
+from rag.lora import apply_deltas
 from rag.resources import cache_dir, resolve_path
 
 
@@ -79,7 +80,12 @@ def load_generator(config: GeneratorConfig, device: str | torch.device = "cpu") 
         family = _family(path, config)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     auto = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype).to(device).eval()
+    # deltas are merged in float32, then the model takes its dtype: a small update added to bfloat16
+    # weights would mostly round away
+    attention = {} if config.attention == "auto" else {"attn_implementation": config.attention}
+    model = auto.from_pretrained(path, dtype=torch.float32 if config.deltas else dtype, **attention)
+    apply_deltas(model, config.deltas)
+    model = model.to(device=device, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     cls = Seq2SeqGenerator if family == "seq2seq" else CausalGenerator
     return cls(model, tokenizer, config)

@@ -1,0 +1,135 @@
+"""The recipe behind the shipped reader (rag/weights/reader): `make reader` runs every stage in order.
+
+    python recipes/reader.py data                 # development questions + grounded targets (reader_data.py)
+    python recipes/reader.py train --run main     # resumable: re-run the same command after an interruption
+    python recipes/reader.py export --run main    # the run's LoRA deltas -> rag/weights/reader (sha256 manifest)
+
+Every run fine-tunes SmolLM2-135M-Instruct (the default generator) and all-MiniLM-L6-v2's q(x) with LoRA
+deltas through the RAG loss (rag.training), d(z) and the index frozen, on the training knowledge base of
+reader_data.py, with the "plain" prompt (passage, then "Question: ... / Answer:"). The runs (RUNS) differ
+in one setting each, so that results/reader.md can compare them at equal steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "recipes")]
+
+OUT = ROOT / "bench" / "out" / "reader"
+# How many training examples each source contributes (in a seeded order), before shuffling them together.
+MIX = {"nq-gold": 1058, "squad": 1500, "nq-dev": 1000, "trivia-dev": 900, "wq-train": 300, "red-trivia": 153}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    kind: str = "token"
+    k: int = 3
+    steps: int = 400  # 3,200 of the 4,911 examples of MIX, 8 per step (what one core allows in hours)
+    batch_size: int = 4  # questions per micro-batch
+    grad_accum: int = 2  # micro-batches per optimiser step: 8 questions per step
+    counterfactual_rate: float = 0.3
+    freeze_query_encoder: bool = False
+    generator_rank: int = 16
+    query_rank: int = 8
+    lr: float = 3e-4  # LoRA pairs start at B = 0: higher rates than full fine-tuning
+    warmup: int = 30
+    seed: int = 0
+
+
+RUNS = {
+    "main": Run(),
+    "no-counterfactual": Run(counterfactual_rate=0.0),
+    "frozen-q": Run(freeze_query_encoder=True),
+    "sequence": Run(kind="sequence"),
+}
+
+
+def training_examples(data_dir: Path, seed: int = 0) -> list[Any]:
+    from rag.training import Example
+
+    rows: list[dict[str, Any]] = []
+    for name, n in MIX.items():
+        source = [json.loads(line) for line in (data_dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        random.Random(f"{seed}-{name}").shuffle(source)
+        rows += source[:n]
+    random.Random(seed).shuffle(rows)
+    return [Example.pair(r["input"], r["target"], tuple(dict.fromkeys([r["target"], *r["answers"]])), id=f"{r['source']}:{r['id']}") for r in rows]
+
+
+def dev_examples(n: int = 100) -> list[Any]:
+    """A development sample for the training curves: NQ-gold questions that results/evaluation.md
+    reports (never trained on; reader_data excludes them)."""
+    from run_results import question_sets, sample
+
+    from rag.knowledge import default_knowledge_base
+    from rag.resources import shared_data_dir
+    from rag.training import Example
+
+    sets = question_sets(shared_data_dir(), default_knowledge_base())
+    return [Example.pair(e.input, e.answers[0], e.answers, id=e.id) for e in sample(sets["nq"], n)]
+
+
+def train_config(run: Run, kb: Path) -> Any:
+    from rag.config import GeneratorConfig, LoraSpec, RagConfig
+    from rag.training import TrainConfig
+
+    rag = RagConfig(kind=run.kind, k=run.k, index_dir=str(kb),
+                    generator=GeneratorConfig(prompt="plain", dtype="bfloat16", attention="eager"))  # fmt: skip
+    return TrainConfig(
+        rag=rag, steps=run.steps, batch_size=run.batch_size, grad_accum=run.grad_accum, lr=run.lr,
+        warmup_steps=run.warmup, schedule="linear", bf16=True, seed=run.seed,
+        freeze_query_encoder=run.freeze_query_encoder, counterfactual_rate=run.counterfactual_rate,
+        generator_lora=LoraSpec(rank=run.generator_rank, alpha=2.0 * run.generator_rank),
+        query_lora=None if run.freeze_query_encoder else LoraSpec(rank=run.query_rank, alpha=2.0 * run.query_rank),
+        eval_every=100, save_every=20, snapshot_every=100, eval_max_new_tokens=16, eval_batch_size=16,
+    )  # fmt: skip
+
+
+def train(name: str, threads: int, stop_after: int | None) -> None:
+    import torch
+
+    from rag.model import RagModel
+    from rag.training import train as run_training
+
+    torch.set_num_threads(threads)
+    run = RUNS[name]
+    summary = json.loads((OUT / "data" / "summary.json").read_text(encoding="utf-8"))
+    config = train_config(run, Path(summary["kb"]))
+    out = OUT / "runs" / name
+    resume = (out / "checkpoint").is_dir()
+    model = RagModel.from_config(config.rag)
+    examples = training_examples(OUT / "data", run.seed)
+    started = time.perf_counter()
+    result = run_training(model, examples, config, dev_examples(), out, resume=resume, progress=False,
+                          stop_after=stop_after, on_step=lambda step, r: print(json.dumps({"step": step, **r}), flush=True))  # fmt: skip
+    print(json.dumps({"run": name, "steps": result.steps, "seconds_this_call": time.perf_counter() - started,
+                      "threads": threads}), flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["data", "train"])
+    parser.add_argument("--run", default="main", choices=sorted(RUNS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-after", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.stage == "data":
+        from reader_data import build
+
+        print(json.dumps(build(OUT / "data", k=RUNS["main"].k), indent=2))
+    elif args.stage == "train":
+        train(args.run, args.threads, args.stop_after)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
