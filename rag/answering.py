@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rag.config import DecodingConfig, GeneratorConfig, RagConfig
-from rag.generators.loading import generator_dtype
-from rag.marginalize import doc_logprior
 
 
 @dataclass(frozen=True)
@@ -166,6 +164,8 @@ class Asker:
                        for b, a in enumerate(answers) if i < len(a.token_ids)]  # fmt: skip
             return answers
         retrieved = self.model.retriever.retrieve(questions, self.model.k)
+        from rag.marginalize import doc_logprior  # torch: only once there is something to answer
+
         prior = doc_logprior(retrieved.scores).exp().tolist()  # (B, K), as the decoding computes it
         yield Retrieval([_evidence(retrieved, b, prior[b], prior[b]) for b in range(len(questions))])
         steps = self.model.generate_stream(questions, retrieved, self.config)
@@ -282,6 +282,8 @@ def rag_model_config(
     flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense).
     q(x): rag.knowledge.query_encoder_config (the knowledge base's recorded q(x), or the checkpoint's;
     `query_encoder` / `query_scale` override it)."""
+    from rag.generators.loading import generator_dtype  # torch: only when a model is configured
+
     if checkpoint:
         from rag.train_checkpoint import checkpoint_rag_config
 

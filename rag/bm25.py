@@ -11,7 +11,7 @@ row i is passage i, so the same ids, titles and texts come back as from the dens
 
 Loading maps the three arrays read-only (np.load with mmap_mode="r" and allow_pickle=False, through
 bm25s.BM25.load(mmap=True)); nothing on disk can execute code. The text indexed per passage is the
-dense side's "Title. text" (rag.encoders.passage_text); terms are lower-cased words, less bm25s'
+dense side's "Title. text" (rag.corpus.passage_text); terms are lower-cased words, less bm25s'
 English stop words, Snowball-stemmed (PyStemmer): the settings are stored, so queries get the same.
 """
 
@@ -21,17 +21,19 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bm25s
 import numpy as np
 
 from rag.config import BM25Config, from_dict, to_dict
-from rag.encoders import passage_text
+from rag.corpus import passage_text
 from rag.io import atomic_dir, atomic_write_text, read_format_json
 from rag.knowledge import META_FILE, PASSAGES_FILE, build_lock
 from rag.mips import topk_rows
 from rag.store import PassageStore
+
+if TYPE_CHECKING:  # bm25s loads with the first index built or opened (not for `rag index info`)
+    import bm25s
 
 FORMAT = "rag-bm25-index"
 VERSION = 1
@@ -66,6 +68,8 @@ def _stemmer(config: BM25Config) -> Any:
 
 def _terms(texts: list[str], config: BM25Config, stemmer: Any) -> list[list[str]]:
     """Each text's terms: lower-cased words, stop words removed, stemmed."""
+    import bm25s
+
     return bm25s.tokenize(texts, lower=True, stopwords=config.stopwords or None, stemmer=stemmer,
                           return_ids=False, show_progress=False)  # fmt: skip
 
@@ -86,6 +90,8 @@ class BM25Index:
             raise ValueError("BM25Index.build: no texts to index")
         stemmer = _stemmer(config)
         tokens = _terms(texts, config, stemmer)
+        import bm25s
+
         model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
         model.index(tokens, show_progress=False)  # adds the empty term "" (what an empty passage has)
         return cls(model, config)
@@ -152,6 +158,8 @@ class BM25Index:
         path = Path(path)
         meta = read_format_json(path, BM25_META, FORMAT, "BM25 index (rag index build --retriever bm25)")
         config = from_dict(BM25Config, meta["config"])
+        import bm25s
+
         model = bm25s.BM25.load(str(path), mmap=True, allow_pickle=False, load_corpus=False)
         index = cls(model, config)
         if len(index) != meta["passages"] or index.terms != meta["terms"]:

@@ -38,6 +38,22 @@ class Passage:
     text: str
 
 
+def passage_text(title: str, text: str) -> str:
+    """How d(z) sees a passage: "Title. text".
+
+    DPR feeds `title [SEP] text` as a segment pair, but sentence-transformers models such as
+    all-MiniLM-L6-v2 were trained on single segments with token type 0 only, so a plain sentence
+    with the title first keeps the input in the distribution the model knows (and the title still
+    marks later chunks of a long document, whose text no longer names its subject).
+    """
+    title, text = title.strip(), text.strip()
+    if not title:
+        return text
+    if not text:
+        return title
+    return f"{title}. {text}"
+
+
 class CorpusError(ValueError):
     """Bad input; the message names the file, the 1-based line (where lines exist) and the field."""
 

@@ -4,20 +4,12 @@ Both are `Encoder` modules: a transformers model, a pooling rule and an optional
 `forward` is a plain differentiable function of token ids (training updates q(x) through it);
 `encode` is the batched, gradient-free path that sorts texts by length to cut padding.
 Loading q(x) and d(z) from the same directory twice gives two independent sets of parameters.
-
-Backends (`EncoderConfig.kind`, "auto" detects from the directory):
-- sentence-transformers: `modules.json` names a Transformer, a Pooling and optionally a Normalize module;
-  we read their configs and load the underlying transformers model ourselves.
-- transformers: any encoder directory (`config.json`), CLS or mean pooling, optional normalisation.
-- dpr-question / dpr-context: `DPRQuestionEncoder` / `DPRContextEncoder` checkpoints (pooler output).
+The backends and what a directory holds: rag.encoder_layout (torch-free).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -25,39 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rag.config import DEFAULT_QUERY_SCALE, EncoderConfig
+from rag.config import EncoderConfig
+from rag.corpus import passage_text  # noqa: F401  (re-exported: how d(z) sees a passage)
+from rag.encoder_layout import (  # noqa: F401  (re-exported)
+    EncoderLayout,
+    Pooling,
+    default_query_scale,
+    inspect_encoder_dir,
+)
 from rag.lora import apply_deltas
-from rag.resources import resolve_path
-
-Pooling = Literal["cls", "mean", "pooler"]
-_DPR_CLASSES = {"DPRQuestionEncoder": "dpr-question", "DPRContextEncoder": "dpr-context"}
-
-
-def passage_text(title: str, text: str) -> str:
-    """How d(z) sees a passage: "Title. text".
-
-    DPR feeds `title [SEP] text` as a segment pair, but sentence-transformers models such as
-    all-MiniLM-L6-v2 were trained on single segments with token type 0 only, so a plain sentence
-    with the title first keeps the input in the distribution the model knows (and the title still
-    marks later chunks of a long document, whose text no longer names its subject).
-    """
-    title, text = title.strip(), text.strip()
-    if not title:
-        return text
-    if not text:
-        return title
-    return f"{title}. {text}"
-
-
-@dataclass(frozen=True)
-class EncoderLayout:
-    """What a checkpoint directory holds, as far as encoding is concerned."""
-
-    kind: Literal["sentence-transformers", "transformers", "dpr-question", "dpr-context"]
-    model_dir: Path  # the transformers model (a sub-folder for some sentence-transformers dirs)
-    pooling: Pooling
-    normalize: bool
-    max_length: int
 
 
 class Encoder(nn.Module):
@@ -199,86 +167,6 @@ def _progress_bar(total: int, progress: bool | Any) -> tuple[Any, bool]:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="encoding", unit="text"), True
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from error
-
-
-def inspect_encoder_dir(config: EncoderConfig) -> EncoderLayout:
-    """Work out the backend, pooling, normalisation and length limit of an encoder directory."""
-    path = resolve_path(config.path)
-    if not path.exists():
-        raise FileNotFoundError(f"encoder {config.path} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"encoder {config.path}: {path} is not a directory")
-    kind = config.kind if config.kind != "auto" else _detect_kind(path)
-    if kind == "sentence-transformers":
-        layout = _sentence_transformers_layout(path)
-    elif kind in ("dpr-question", "dpr-context"):
-        layout = EncoderLayout(kind, path, "pooler", False, 512)
-    else:
-        _read_json(path / "config.json")  # fails clearly if it is not a transformers directory
-        layout = EncoderLayout("transformers", path, "mean", False, 512)
-    pooling = layout.pooling if config.pooling == "auto" else config.pooling
-    if layout.kind.startswith("dpr") and pooling != "pooler":
-        raise ValueError(f"encoder {config.path}: DPR checkpoints use their pooler output, not {pooling}")
-    normalize = layout.normalize if config.normalize is None else config.normalize
-    max_length = min(layout.max_length, config.max_length)
-    return EncoderLayout(layout.kind, layout.model_dir, pooling, normalize, max_length)
-
-
-def default_query_scale(config: EncoderConfig) -> float:
-    """q(x)'s scale when none is given: DEFAULT_QUERY_SCALE (20) for an encoder whose output is
-    normalised (its scores are cosines in [-1, 1], and p(z|x) over them would be nearly flat), 1 for an
-    inner-product encoder such as DPR's (its scores already have the prior's scale)."""
-    return DEFAULT_QUERY_SCALE if inspect_encoder_dir(config).normalize else 1.0
-
-
-def _detect_kind(path: Path) -> str:
-    if (path / "modules.json").exists():
-        return "sentence-transformers"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"encoder {path}: neither modules.json nor config.json found")
-    architectures = _read_json(path / "config.json").get("architectures") or []
-    for name in architectures:
-        if name in _DPR_CLASSES:
-            return _DPR_CLASSES[name]
-    return "transformers"
-
-
-def _sentence_transformers_layout(path: Path) -> EncoderLayout:
-    modules = _read_json(path / "modules.json")
-    model_dir, pooling, normalize = None, "cls", False
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        sub = path / module.get("path", "")
-        if kind == "Transformer":
-            model_dir = sub
-        elif kind == "Pooling":
-            pooling = _pooling_mode(_read_json(sub / "config.json"), sub)
-        elif kind == "Normalize":
-            normalize = True
-        else:
-            raise ValueError(f"{path / 'modules.json'}: module type {module.get('type')!r} is not supported")
-    if model_dir is None:
-        raise ValueError(f"{path / 'modules.json'}: no sentence_transformers.models.Transformer module")
-    max_length = 512
-    st_config = model_dir / "sentence_bert_config.json"
-    if st_config.exists():
-        max_length = int(_read_json(st_config).get("max_seq_length") or max_length)
-    return EncoderLayout("sentence-transformers", model_dir, pooling, normalize, max_length)
-
-
-def _pooling_mode(config: dict[str, Any], where: Path) -> Pooling:
-    if config.get("pooling_mode_mean_tokens"):
-        return "mean"
-    if config.get("pooling_mode_cls_token"):
-        return "cls"
-    raise ValueError(f"{where / 'config.json'}: only CLS or mean pooling is supported, got {config}")
 
 
 def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> Encoder:

@@ -31,18 +31,21 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from rag.config import CorpusConfig, EncoderConfig, GivenEmbeddings, IndexConfig, from_dict, to_dict
-from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages
-from rag.encoders import Encoder, default_query_scale, inspect_encoder_dir, load_encoder, passage_text
+from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages, passage_text
+from rag.encoder_layout import default_query_scale, inspect_encoder_dir
 from rag.index import DenseIndex, check_buildable, link_or_copy, store_dtype
 from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
 from rag.store import PassageStore, write_passage_store
 from rag.vectors import EmbeddingsError, EmbeddingsFile, align_embeddings, open_embeddings
+
+if TYPE_CHECKING:
+    from rag.encoders import Encoder
 
 FORMAT = "rag-knowledge-base"
 VERSION = 1
@@ -179,6 +182,8 @@ def _build(
     store, counts = _passage_store(corpus, work)
     if len(store) == 0:
         raise ValueError(f"{corpus.source}: the corpus has no passages")
+    from rag.encoders import load_encoder  # torch and transformers: only when a build encodes
+
     d_z = load_encoder(encoder, device)
     check_buildable(index, len(store), d_z.dim)
     shards, reused = [], 0

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_SCORE_BLOCK_BYTES = 64 << 20  # the (B, rows) score block of a batched exact search
+_SCORE_BLOCK_BYTES = 64 << 20  # the (B, rows) score block of a batched exact search (numpy path)
+_FUSED_BLOCK_BYTES = 16 << 20  # the (query chunk, rows) score block of the fused path
+_FUSED_MIN_BATCH = 8  # from this many queries on, blocked torch.mm products with a fused top-k
+_CHUNK = 64  # scores per chunk of the fused top-k
 
 
 class DenseIndexError(ValueError):
@@ -67,14 +70,18 @@ def exact_search(
 ) -> SearchResult:
     """Exact MIPS top-k of queries (B, D) float32 against matrix (N, D), streaming over row blocks.
 
-    One query: a matrix-vector product per block (memory-bound sgemv). Several: a matrix product per
-    (query chunk, row block) into one reused score buffer (compute-bound sgemm), so memory stays
-    bounded by query_chunk * block_rows scores whatever N and B are. live (N,) bool: rows that may
+    One query: a matrix-vector product per block (memory-bound sgemv). A few: a matrix product per
+    (query chunk, row block) into one reused score buffer, numpy only. _FUSED_MIN_BATCH or more: the
+    same blocks through torch.mm with the top-k selected while each block is in cache (_fused_topk).
+    Memory stays bounded by query_chunk * block_rows scores whatever N and B are. live (N,) bool: rows that may
     be returned (None: all); a dead row scores -inf, and so do the slots of a result with fewer than
     k live rows (the caller checks k against the live count).
     """
     n, b = matrix.shape[0], queries.shape[0]
     qc = min(b, query_chunk)
+    if b >= _FUSED_MIN_BATCH:
+        block_rows = block_rows if block_rows > 0 else max(_CHUNK * k, _FUSED_BLOCK_BYTES // (4 * qc))
+        return _fused_topk(matrix, queries, k, qc, block_rows, live)
     if block_rows <= 0:
         block_rows = max(4096, _SCORE_BLOCK_BYTES // (4 * qc))
     buf = np.empty(qc * min(block_rows, n), np.float32) if b > 1 else None
@@ -104,6 +111,81 @@ def exact_search(
         if best_s.shape[1] > k:
             best_r, best_s = _best(best_r, best_s, k)
     return SearchResult(best_r, best_s)
+
+
+def _fused_topk(matrix: np.ndarray, queries: np.ndarray, k: int, qc: int, block_rows: int,
+                live: np.ndarray | None) -> SearchResult:  # fmt: skip
+    """Top-k per query from blocked products, selecting while each (qc, n_b) score block is in cache.
+
+    Per block: scores S = Q B^T (torch.mm: MKL's sgemm beats numpy's OpenBLAS at small batches). The
+    block's columns are dealt into `c` strided chunks of _CHUNK columns (column j*c + i is in chunk i);
+    their maxima (one elementwise pass) are k distinct scores each, so the k-th largest chunk maximum seen
+    so far is a threshold that at least k scores reach. Only the chunks whose maximum reaches it are
+    scanned, and only their scores at or above it are kept (tens per query in all). The threshold only
+    rises, so every score of the final top-k was kept when its block passed; one sort of the kept scores
+    (row, then score descending, then column: ties go to the lower row, as in topk_rows) ends it. Dead rows
+    (live False) score -inf, as in the numpy path.
+    """
+    import torch
+
+    n, b = matrix.shape[0], queries.shape[0]
+    buf = np.empty(qc * min(block_rows, n), np.float32)  # one reused score block
+    buf_t = torch.from_numpy(buf)
+    queries_t = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    rows, scores = np.empty((b, k), np.int64), np.empty((b, k), np.float32)
+    for q0 in range(0, b, qc):
+        q = queries_t[q0 : q0 + qc]
+        m = q.shape[0]
+        best_max = np.empty((m, 0), np.float32)  # the k largest chunk maxima so far (m, <=k)
+        thr = np.full(m, -np.inf, np.float32)
+        kept_r, kept_c, kept_s = [], [], []
+        for start in range(0, n, block_rows):
+            block = np.asarray(matrix[start : start + block_rows], dtype=np.float32)  # (n_b, D)
+            nb = block.shape[0]
+            torch.mm(q, _readonly_tensor(block).T, out=buf_t[: m * nb].view(m, nb))  # (m, n_b) sgemm
+            out = buf[: m * nb].reshape(m, nb)
+            if live is not None:
+                out[:, ~live[start : start + nb]] = -np.inf  # dead rows: -inf, returned only to fill k
+            c = nb // _CHUNK  # chunks of this block (0 for a block narrower than one chunk)
+            if c:
+                dealt = buf_t[: m * nb].view(m, nb)[:, : c * _CHUNK].view(m, _CHUNK, c)
+                maxima = torch.amax(dealt, dim=1).numpy()  # (m, c)
+                pool = np.concatenate([best_max, maxima], axis=1)
+                best_max = np.partition(pool, pool.shape[1] - k, axis=1)[:, -k:] if pool.shape[1] > k else pool
+                if best_max.shape[1] == k:
+                    thr = np.maximum(thr, best_max.min(axis=1))
+                hit_r, hit_c = np.nonzero(maxima >= thr[:, None])  # chunks that may hold winners
+                segment = out[:, : c * _CHUNK].reshape(m, _CHUNK, c)[hit_r, :, hit_c]  # (hits, _CHUNK)
+                a, j = np.nonzero(segment >= thr[hit_r, None])
+                kept_r.append(hit_r[a])
+                kept_c.append(start + j * c + hit_c[a])
+                kept_s.append(segment[a, j])
+            tail = out[:, c * _CHUNK :]  # (m, n_b mod _CHUNK): scanned directly
+            r, col = np.nonzero(tail >= thr[:, None])
+            kept_r.append(r)
+            kept_c.append(start + c * _CHUNK + col)
+            kept_s.append(tail[r, col])
+        r, col, s = np.concatenate(kept_r), np.concatenate(kept_c), np.concatenate(kept_s)
+        keep = s >= thr[r]
+        r, col, s = r[keep], col[keep], s[keep]
+        counts = np.bincount(r, minlength=m)
+        if counts.min() < k:  # only NaN scores can break the bound (-inf ones pass it: -inf >= -inf)
+            raise DenseIndexError("search: scores contain NaN (are the embeddings or queries finite?)")
+        order = np.lexsort((col, -s, r))
+        take = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]  # (m, k)
+        rows[q0 : q0 + m], scores[q0 : q0 + m] = col[take], s[take]
+    return SearchResult(rows, scores)
+
+
+def _readonly_tensor(array: np.ndarray):
+    """A torch view of a (possibly memory-mapped, read-only) array that is only ever read."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _best(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -63,8 +63,8 @@ def test_flat_equals_brute_force(n: int, b: int, k: int) -> None:
     assert_same_topk(x, q, res.rows, res.scores, k)
 
 
-@pytest.mark.parametrize("b", [1, 5])
-@pytest.mark.parametrize("block", [1, 256, 1000, 1024])
+@pytest.mark.parametrize("b", [1, 5, 40])  # 40: blocked products with the fused top-k
+@pytest.mark.parametrize("block", [1, 100, 256, 1000, 1024])
 def test_blocked_search_n_not_multiple_of_block(b: int, block: int) -> None:
     rng = np.random.default_rng(block + b)
     x = rng.standard_normal((2500, 16)).astype(np.float32)  # 2500 = 2 * 1024 + 452
@@ -222,6 +222,24 @@ def test_flat_with_ties_and_adversarial_order() -> None:
     assert set(res.rows[0]) == set(range(380, 400))
 
 
+def test_fused_topk_with_ties_winners_in_the_last_block_and_float16() -> None:
+    """The batched path: exact ties across blocks go to the lower row; winners sorted to the end of the
+    matrix (the threshold must rise late); a float16 store is scored from its stored values."""
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((3000, 24)).astype(np.float32)
+    q = rng.standard_normal((33, 24)).astype(np.float32)
+    dup = np.concatenate([base, base])  # row i and i + 3000 tie exactly
+    res = exact_search(dup, q, 12, block_rows=700, query_chunk=16)
+    assert_same_topk(dup, q, res.rows, res.scores, 12)
+    assert (res.rows[:, 0] < 3000).all()  # the first copy wins every tie
+    ordered = base[np.argsort(base @ q[0])]
+    res = exact_search(ordered, q, 15, block_rows=512)
+    assert set(res.rows[0]) == set(range(2985, 3000))
+    half = base.astype(np.float16)
+    res = exact_search(half, q, 5, block_rows=1024)
+    assert_same_topk(half.astype(np.float32), q, res.rows, res.scores, 5)
+
+
 def test_nan_embeddings_are_reported() -> None:
     x = np.random.default_rng(8).standard_normal((200, 4)).astype(np.float32)
     x[5] = np.nan
@@ -258,10 +276,10 @@ def test_live_mask_searches_as_if_the_dead_rows_were_removed(config: IndexConfig
 
 def test_flat_live_mask_with_fewer_live_rows_than_a_block() -> None:
     x = np.random.default_rng(10).standard_normal((5000, 8)).astype(np.float32)
-    q = np.random.default_rng(11).standard_normal((4, 8)).astype(np.float32)
+    q = np.random.default_rng(11).standard_normal((12, 8)).astype(np.float32)
     live = np.zeros(5000, bool)
     live[[7, 4999, 2500]] = True
-    for b in (1, 4):
+    for b in (1, 4, 12):  # 12: the fused path
         res = exact_search(x, q[:b], 3, block_rows=1024, live=live)
         assert sorted(res.rows[0].tolist()) == [7, 2500, 4999]
         assert np.isfinite(res.scores).all()

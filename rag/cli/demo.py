@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from rag.knowledge import default_knowledge_base
-from rag.retriever import Retriever
-
 QUESTIONS = (
     "What is the capital of Angola?",
     "Who wrote the tragedy Hamlet?",
@@ -27,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rag.knowledge import default_knowledge_base
+    from rag.retriever import Retriever
+
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     print("default knowledge base: built-in Wikipedia summaries, all-MiniLM-L6-v2, flat index")

@@ -18,7 +18,6 @@ from rag.config import (
     GivenEmbeddings,
     IndexConfig,
 )
-from rag.knowledge import META_FILE, build_knowledge_base, open_knowledge_base, query_encoder_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,6 +120,8 @@ def given_from_args(args: argparse.Namespace) -> GivenEmbeddings | None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from rag.knowledge import META_FILE, build_knowledge_base
+
     corpus, encoder, index = configs_from_args(args)
     out = Path(args.out)
     if args.retriever == "bm25" and (out / META_FILE).is_file():
@@ -145,6 +146,7 @@ def run_build(args: argparse.Namespace) -> int:
 def _add_bm25(out: Path, corpus: CorpusConfig, progress: bool) -> int:
     """Index a finished knowledge base's passages with BM25 (a corpus flag must name its corpus)."""
     from rag.bm25 import build_bm25_index
+    from rag.knowledge import open_knowledge_base
 
     built_from = open_knowledge_base(out).meta["corpus"]["source"]
     if corpus.source != DEFAULT_CORPUS and corpus.source != built_from:
@@ -180,6 +182,8 @@ def run_hybrid(args: argparse.Namespace) -> int:
 
 
 def describe(path: Path) -> dict[str, Any]:
+    from rag.knowledge import open_knowledge_base
+
     kb = open_knowledge_base(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {
@@ -203,6 +207,8 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def _query_encoder_fact(meta: dict[str, Any]) -> str:
+    from rag.knowledge import query_encoder_config
+
     try:
         q = query_encoder_config(meta)
     except ValueError as error:
@@ -229,6 +235,8 @@ def _bm25_facts(path: Path) -> dict[str, Any]:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from rag.knowledge import META_FILE
+
     path = Path(knowledge_base(args))
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a knowledge base folder (no {META_FILE})")

@@ -1,4 +1,8 @@
-"""`rag search "query" -k 5 [--index KB]`: the top-k passages of a knowledge base for one or more queries."""
+"""`rag search "query" -k 5 [--index KB]`: the top-k passages of a knowledge base for one or more queries.
+
+The dense retriever's q(x) runs in numpy where rag.numpy_encoder covers the encoder (the packaged one):
+such a call never imports torch or transformers, whose import is most of a call's cost.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from rag.answering import search_hits
 from rag.cli.model_options import (
@@ -15,7 +20,7 @@ from rag.cli.model_options import (
     query_encoder,
     retriever_config,
 )
-from rag.retriever import open_retriever
+from rag.config import EncoderConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_retriever_arguments(parser)
     parser.add_argument("--width", type=int, default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
+
+
+def numpy_hits(index: str, encoder: EncoderConfig, args: argparse.Namespace) -> list[list[dict[str, Any]]] | None:
+    """The dense retriever's hits with q(x) in numpy (rag.numpy_encoder), or None where that forward does
+    not apply (then the torch retriever runs). Scores are q(x) . d(z) of the stored d(z), as Retriever's."""
+    from rag.knowledge import open_knowledge_base
+    from rag.numpy_encoder import load_numpy_encoder
+
+    kb = open_knowledge_base(index)
+    fast = load_numpy_encoder(encoder)
+    if fast is None or fast.dim != kb.index.dim:
+        return None
+    if args.k > len(kb.index):
+        raise ValueError(f"-k {args.k} exceeds the {len(kb.index)} passages in {index}")
+    found = kb.index.search(fast.encode(list(args.queries)), args.k)  # (B, K)
+    passages = kb.passages.get(found.rows.reshape(-1))
+    return [
+        [{"rank": rank + 1, "score": float(found.scores[i, rank]), "id": p.id, "title": p.title, "text": p.text}
+         for rank, p in enumerate(passages[i * args.k : (i + 1) * args.k])]
+        for i in range(len(args.queries))
+    ]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,12 +68,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--query-encoder and --query-scale are for the dense and hybrid retrievers, not bm25")
     index = knowledge_base(args)
     encoder = query_encoder(args, index) if args.retriever != "bm25" else None
-    retriever = open_retriever(index, retriever_config(args), encoder=encoder)
-    if args.k > len(retriever.index):
-        raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {index}")
-    retrieved = retriever.retrieve(args.queries, args.k)
+    per_query = numpy_hits(index, encoder, args) if encoder is not None and args.retriever == "dense" else None
+    if per_query is None:
+        from rag.retriever import open_retriever
+
+        retriever = open_retriever(index, retriever_config(args), encoder=encoder)
+        if args.k > len(retriever.index):
+            raise ValueError(f"-k {args.k} exceeds the {len(retriever.index)} passages in {index}")
+        retrieved = retriever.retrieve(args.queries, args.k)
+        per_query = [search_hits(retrieved, i) for i in range(len(args.queries))]
     for i, query in enumerate(args.queries):
-        rows = search_hits(retrieved, i)
+        rows = per_query[i]
         if args.json:
             print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
             continue
