@@ -24,6 +24,8 @@ from rag.encoder_layout import (  # noqa: F401  (re-exported)
     Pooling,
     default_query_scale,
     inspect_encoder_dir,
+    native_bfloat16,
+    passage_dtype,
 )
 from rag.lora import apply_deltas
 
@@ -93,12 +95,19 @@ class Encoder(nn.Module):
         `progress`: True for a tqdm bar of its own, or an open tqdm bar to advance (a caller's total).
         """
         texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
+        return self.encode_ids(self.token_ids(texts) if texts else [], batch_size, progress)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """The token ids `encode` feeds for each text (truncated, special tokens added, no padding)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def encode_ids(self, ids: list[list[int]], batch_size: int = 64, progress: bool | Any = False) -> np.ndarray:
+        """`encode` from token ids (token_ids): a caller can tokenise the next texts while these encode."""
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        if not ids:
             return out
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         pad_id = self.tokenizer.pad_token_id or 0
-        bar, own_bar = _progress_bar(len(texts), progress)
+        bar, own_bar = _progress_bar(len(ids), progress)
         was_training = self.training
         self.eval()
         try:

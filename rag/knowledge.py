@@ -29,6 +29,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,7 +38,7 @@ import numpy as np
 
 from rag.config import CorpusConfig, EncoderConfig, GivenEmbeddings, IndexConfig, from_dict, to_dict
 from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages, passage_text
-from rag.encoder_layout import default_query_scale, inspect_encoder_dir
+from rag.encoder_layout import default_query_scale, inspect_encoder_dir, passage_dtype
 from rag.index import DenseIndex, check_buildable, link_or_copy, store_dtype
 from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
@@ -281,19 +282,27 @@ def _encode_shards(
         reused_rows = sum(hi - lo for ok, (lo, hi) in zip(done, bounds, strict=True) if ok)
         bar = tqdm(total=n, initial=reused_rows, desc="encoding passages", unit="passage")
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    try:
-        for path, (lo, hi), ok in zip(paths, bounds, done, strict=True):
-            if ok:
-                continue
-            texts = [passage_text(p.title, p.text) for p in store.get(np.arange(lo, hi))]
-            vectors = d_z.encode(texts, batch_size=batch_size, progress=bar if bar is not None else False)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, vectors)
-            if pause > 0:
-                time.sleep(pause)
-    finally:
-        if bar is not None:
-            bar.close()
+    todo = [(path, lo, hi) for path, (lo, hi), ok in zip(paths, bounds, done, strict=True) if not ok]
+
+    def token_ids(lo: int, hi: int) -> list[list[int]]:
+        return d_z.token_ids([passage_text(p.title, p.text) for p in store.get(np.arange(lo, hi))])
+
+    # One worker reads and tokenises shard i + 1 while shard i encodes (the fast tokenizer and the
+    # matrix products both release the GIL), so tokenisation costs no wall time.
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        try:
+            pending = worker.submit(token_ids, *todo[0][1:]) if todo else None
+            for i, (path, _, _) in enumerate(todo):
+                ids = pending.result()
+                pending = worker.submit(token_ids, *todo[i + 1][1:]) if i + 1 < len(todo) else None
+                vectors = d_z.encode_ids(ids, batch_size=batch_size, progress=bar if bar is not None else False)
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, vectors)
+                if pause > 0:
+                    time.sleep(pause)
+        finally:
+            if bar is not None:
+                bar.close()
     return paths, sum(done)
 
 
@@ -404,9 +413,17 @@ def read_knowledge_meta(path: Path | str) -> dict[str, Any]:
 
 
 def default_knowledge_base(progress: bool = True) -> Path:
-    """The default knowledge base (built-in corpus, default encoder, flat index), built once."""
-    out = (cache_dir() / "kb" / "default").resolve()
-    corpus, encoder, index = CorpusConfig(), EncoderConfig(), IndexConfig()
+    """The default knowledge base (built-in corpus, default encoder, flat index), built once.
+
+    d(z) is encoded in bfloat16 where the CPU computes it natively (rag.encoder_layout.passage_dtype), else in
+    float32. The two builds live in separate cache folders, `kb/default` (float32, the folder earlier
+    versions built) and `kb/default-bfloat16`: neither is ever taken for the other, and switching never
+    deletes one (same_build checks the recorded configs too).
+    """
+    encoder = EncoderConfig(dtype=passage_dtype("auto"))  # type: ignore[arg-type]
+    name = "default" if encoder.dtype == "float32" else f"default-{encoder.dtype}"
+    out = (cache_dir() / "kb" / name).resolve()
+    corpus, index = CorpusConfig(), IndexConfig()
     with build_lock(out):  # several processes may ask at once: one builds, the others wait
         if (out / META_FILE).is_file():
             meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))

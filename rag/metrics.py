@@ -163,6 +163,17 @@ def recall_at_k(hits: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[int, 
     return {k: sum(any(h[:k]) for h in hits) / len(hits) for k in ks}
 
 
+def ranking_agreement(reference: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """How far a ranking keeps a reference one (e.g. bfloat16 d(z) against float32): (mean overlap of the
+    top-k sets, share of queries with the same top-1). reference, rows: (B, k) row ids, best first."""
+    _check_lengths(reference, rows, "rankings")
+    if not len(reference):
+        raise ValueError("ranking_agreement: no queries")
+    overlap = [len(set(a) & set(b)) / len(a) for a, b in zip(reference, rows, strict=True)]
+    top1 = [a[0] == b[0] for a, b in zip(reference, rows, strict=True)]
+    return sum(overlap) / len(overlap), sum(top1) / len(top1)
+
+
 def r_precision(gold_sets: Sequence[Collection[str]], retrieved: Sequence[str]) -> float:
     """KILT R-precision: for each gold evidence set of size R, the share of it among the first R
     distinct retrieved pages; the maximum over the sets."""

@@ -67,19 +67,21 @@ def exact_search(
     block_rows: int = 0,
     query_chunk: int = 256,
     live: np.ndarray | None = None,
+    fused: bool | None = None,
 ) -> SearchResult:
     """Exact MIPS top-k of queries (B, D) float32 against matrix (N, D), streaming over row blocks.
 
     One query: a matrix-vector product per block (memory-bound sgemv). A few: a matrix product per
     (query chunk, row block) into one reused score buffer, numpy only. _FUSED_MIN_BATCH or more: the
     same blocks through torch.mm with the top-k selected while each block is in cache (_fused_topk).
-    Memory stays bounded by query_chunk * block_rows scores whatever N and B are. live (N,) bool: rows that may
+    Memory stays bounded by query_chunk * block_rows scores whatever N and B are. fused: force the
+    path (None: by batch size; the benchmark runs both). live (N,) bool: rows that may
     be returned (None: all); a dead row scores -inf, and so do the slots of a result with fewer than
     k live rows (the caller checks k against the live count).
     """
     n, b = matrix.shape[0], queries.shape[0]
     qc = min(b, query_chunk)
-    if b >= _FUSED_MIN_BATCH:
+    if (b >= _FUSED_MIN_BATCH) if fused is None else fused:
         block_rows = block_rows if block_rows > 0 else max(_CHUNK * k, _FUSED_BLOCK_BYTES // (4 * qc))
         return _fused_topk(matrix, queries, k, qc, block_rows, live)
     if block_rows <= 0:

@@ -90,7 +90,8 @@ def test_killed_build_resumes_and_matches_an_uninterrupted_one(tmp_path, corpus,
     path, _ = corpus
     out = tmp_path / "kb"
     args = ["index", "build", "--corpus", str(path), "--words", str(WORDS_PER_PASSAGE), "--encoder",
-            str(encoder_dir), "--batch-size", "4", "--shard-size", "8", "--out", str(out), "--no-progress"]  # fmt: skip
+            str(encoder_dir), "--batch-size", "4", "--shard-size", "8", "--dtype", "float32", "--out", str(out),
+            "--no-progress"]  # fmt: skip  # float32: the configs() the resumed build is given
     proc = _cli(*args, env={PAUSE_ENV: "1.0"})  # a second between shards: time to kill it mid-build
     _wait_for(".kb.build-*/shards/*.npy", tmp_path, proc)
     proc.kill()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.cli.model_options import add_index_arguments, knowledge_base, query_encoder
+from rag.encoder_layout import passage_dtype
 from rag.config import (
     DEFAULT_CORPUS,
     DEFAULT_ENCODER,
@@ -39,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["auto", "sentence-transformers", "transformers", "dpr-question", "dpr-context"],
     )  # fmt: skip
     build.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"])
-    build.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    build.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="d(z)'s precision (auto: bfloat16 where the CPU computes it natively, else float32; "
+                            "the knowledge base records which)")
     build.add_argument("--max-length", type=int, default=EncoderConfig.max_length, help="tokens per passage")
     build.add_argument("--batch-size", type=int, default=EncoderConfig.batch_size)
     build.add_argument("--index-type", default="flat", choices=["flat", "hnsw", "ivfpq", "factory"],
@@ -103,7 +106,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[CorpusConfig, EncoderCo
     )
     encoder = EncoderConfig(
         path=args.encoder, kind=args.encoder_kind, pooling=args.pooling, max_length=args.max_length,
-        batch_size=args.batch_size, dtype=args.dtype,
+        batch_size=args.batch_size, dtype=passage_dtype(args.dtype),
     )  # fmt: skip
     for name in ("ivf_lists", "pq"):
         if getattr(args, name) < 0:

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from rag.config import GeneratorConfig
+from rag.encoders import native_bfloat16
 from rag.generators.base import Generator
 from rag.generators.causal import CausalGenerator
 from rag.generators.seq2seq import Seq2SeqGenerator
@@ -89,16 +90,6 @@ def load_generator(config: GeneratorConfig, device: str | torch.device = "cpu") 
     tokenizer = AutoTokenizer.from_pretrained(path)
     cls = Seq2SeqGenerator if family == "seq2seq" else CausalGenerator
     return cls(model, tokenizer, config)
-
-
-def native_bfloat16(device: str) -> bool:
-    """Whether bfloat16 matmuls run natively here (CPU: AMX or AVX512-BF16; CUDA: compute capability 8+)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def generator_dtype(dtype: str, device: str) -> str:
