@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from rag.cli.model_options import add_index_arguments, knowledge_base, query_encoder
-from rag.encoder_layout import passage_dtype
 from rag.config import (
     DEFAULT_CORPUS,
     DEFAULT_ENCODER,
@@ -19,6 +18,7 @@ from rag.config import (
     GivenEmbeddings,
     IndexConfig,
 )
+from rag.encoder_layout import passage_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
