@@ -70,13 +70,19 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def _timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, Any, float, Any]:
     """Best-of-N of two functions run alternately (ABAB...), so that drift in the machine's load
     (another job starting or ending) falls on both sides alike."""
-    best_a, best_b, out_a, out_b = float("inf"), float("inf"), None, None
+    best, outs = _timed_rounds({"a": first, "b": second}, repeats)
+    return best["a"], outs["a"], best["b"], outs["b"]
+
+
+def _timed_rounds(steps: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best-of-N of several functions run in alternating rounds (ABC ABC ...): load drift falls on all."""
+    best, outs = dict.fromkeys(steps, float("inf")), {}
     for _ in range(repeats):
-        seconds, out_a = _timed(first, 1)
-        best_a = min(best_a, seconds)
-        seconds, out_b = _timed(second, 1)
-        best_b = min(best_b, seconds)
-    return best_a, out_a, best_b, out_b
+        for name, step in steps.items():
+            start = time.perf_counter()
+            outs[name] = step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outs
 
 
 def _workload(batch: int, k: int, vocab: int) -> tuple[list[str], Passages, list[str]]:

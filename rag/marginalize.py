@@ -37,6 +37,21 @@ def gather_targets(token_logprobs: Tensor, targets: Tensor) -> Tensor:
     return token_logprobs.gather(-1, index).squeeze(-1)  # (B, K, T)
 
 
+def target_logprobs_from_logits(logits: Tensor, targets: Tensor, vocab_sums: bool = False
+                                ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """log p(y_i | x, z, y_<i) at the targets straight from the logits, without the (B, K, T, V)
+    log-softmax: logit[y_i] - logsumexp_v logit[v], in float32. (B, K, T, V) + (B, T) -> (B, K, T).
+
+    vocab_sums: also sum_v log p(v | x, z, y_<i) = sum_v logit[v] - V logsumexp (label smoothing's term,
+    RAG-Sequence), (B, K, T), from the same pass. Only the logits stay alive for the backward pass.
+    """
+    wide = logits.float()  # no copy for float32 logits
+    lse = torch.logsumexp(wide, dim=-1)  # (B, K, T)
+    index = targets[:, None, :, None].expand(-1, wide.shape[1], -1, 1)  # (B, K, T, 1)
+    picked = wide.gather(-1, index).squeeze(-1) - lse  # (B, K, T)
+    return picked, (wide.sum(-1) - wide.shape[-1] * lse) if vocab_sums else None
+
+
 def _gathered(token_logprobs: Tensor, targets: Tensor | None) -> Tensor:
     if token_logprobs.dim() == 3:
         return token_logprobs  # (B, K, T)
@@ -97,13 +112,22 @@ def rag_sequence_nll(
     loss = (1 - eps) nll + eps / V * smooth. transformers adds the prior at the second target position,
     so for one-token targets it drops the prior altogether; here it is always counted (the paper's eq. 1).
     """
-    vocab = token_logprobs.shape[-1]
-    nll = -sequence_logprob(token_logprobs, doc_logprior, mask, targets)  # (B,)
+    sums = token_logprobs.sum(-1) if epsilon else None  # (B, K, T) sum_v log p(v | x, z, y_<i)
+    picked = _gathered(token_logprobs, targets)  # (B, K, T)
+    return rag_sequence_losses(picked, sums, doc_logprior, mask, epsilon, token_logprobs.shape[-1])[1]
+
+
+def rag_sequence_losses(target_logprobs: Tensor, vocab_sums: Tensor | None, doc_logprior: Tensor, mask: Tensor,
+                        epsilon: float, vocab: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """RAG-Sequence (nll, loss) per example from gathered target log-probs (B, K, T) and, for label
+    smoothing, sum_v log p(v | x, z, y_<i) (B, K, T): the loss of rag_sequence_nll, and its nll, in one pass."""
+    nll = -sequence_logprob(target_logprobs, doc_logprior, mask)  # (B,)
     if epsilon == 0.0:
-        return nll
-    vocab_sums = _masked(token_logprobs.sum(-1), mask).sum(-1)  # (B, K)
-    smooth = -torch.logsumexp(vocab * doc_logprior + vocab_sums, dim=1)  # (B,)
-    return (1.0 - epsilon) * nll + (epsilon / vocab) * smooth  # (B,)
+        return nll, nll
+    if vocab_sums is None:
+        raise ValueError("label smoothing needs vocab_sums (B, K, T)")
+    smooth = -torch.logsumexp(vocab * doc_logprior + _masked(vocab_sums, mask).sum(-1), dim=1)  # (B,)
+    return nll, (1.0 - epsilon) * nll + (epsilon / vocab) * smooth  # (B,)
 
 
 def rag_token_nll(
@@ -116,13 +140,20 @@ def rag_token_nll(
     """
     if epsilon == 0.0:  # the same numbers without the (B, T, V) marginal: gather the targets first
         return -token_logprob(token_logprobs, doc_logprior, mask, targets)  # (B,)
+    return rag_token_smoothed_losses(token_logprobs, doc_logprior, targets, mask, epsilon)[1]
+
+
+def rag_token_smoothed_losses(token_logprobs: Tensor, doc_logprior: Tensor, targets: Tensor, mask: Tensor,
+                              epsilon: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """RAG-Token (nll, loss) with label smoothing from one (B, T, V) marginal (the smoothing term needs
+    the whole of it): token_logprobs (B, K, T, V) -> two (B,)."""
     vocab = token_logprobs.shape[-1]
     marginal = token_marginals(token_logprobs, doc_logprior)  # (B, T, V)
     picked = marginal.gather(-1, targets[:, :, None]).squeeze(-1)  # (B, T)
     keep = mask.bool()  # (B, T)
     nll = -torch.where(keep, picked, 0.0).sum(-1)  # (B,)
     smooth = -torch.where(keep, marginal.sum(-1), 0.0).sum(-1)  # (B,)
-    return (1.0 - epsilon) * nll + (epsilon / vocab) * smooth  # (B,)
+    return nll, (1.0 - epsilon) * nll + (epsilon / vocab) * smooth  # (B,)
 
 
 def sequence_posterior(

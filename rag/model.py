@@ -40,6 +40,7 @@ class RagOutput:
     doc_logprior: Tensor  # (B, K) log p(z|x), in the graph of q(x)
     passage_logprob: Tensor  # (B, K) log p(y|x,z) = sum_i log p(y_i|x,z,y_<i)
     retrieved: Retrieved | None  # None when the passages were given (score_passages)
+    target_mask: Tensor | None = None  # (B, T) bool: the target tokens scored (eos included), tokenised once
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class RagModel(nn.Module):
         if substitutions is not None:
             passages, targets = _counterfactual(passages, targets, substitutions)
         out = self.score_passages(questions, targets, passages, scores, label_smoothing)
-        return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved)
+        return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved, out.target_mask)
 
     def score_passages(
         self,
@@ -173,14 +174,22 @@ class RagModel(nn.Module):
         prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
         batch = gen.encode_targets(targets)  # (B, T)
         rows = torch.arange(len(questions) * k, device=batch.ids.device)  # (B*K,)
-        logprobs = gen.target_logprobs(prefix, rows, _repeat_targets(batch, k))  # (B*K, T, V)
-        logprobs = logprobs.view(len(questions), k, *logprobs.shape[1:])  # (B, K, T, V)
-        prior = marginalize.doc_logprior(scores.to(logprobs.device))  # (B, K)
-        loss_fn = marginalize.rag_sequence_nll if self.kind == "sequence" else marginalize.rag_token_nll
-        nll = loss_fn(logprobs, prior, batch.ids, batch.mask)  # (B,)
-        loss = loss_fn(logprobs, prior, batch.ids, batch.mask, label_smoothing) if label_smoothing else nll
-        per_passage = marginalize.passage_logprob(logprobs, batch.mask, batch.ids)  # (B, K)
-        return RagOutput(loss.mean(), nll, prior, per_passage, None)
+        logits = gen.target_logits(prefix, rows, _repeat_targets(batch, k))  # (B*K, T, V)
+        logits = logits.view(len(questions), k, *logits.shape[1:])  # (B, K, T, V)
+        prior = marginalize.doc_logprior(scores.to(logits.device))  # (B, K)
+        if self.kind == "token" and label_smoothing:  # its smoothing term needs the whole (B, T, V) marginal
+            full = torch.log_softmax(logits.float(), dim=-1)  # (B, K, T, V)
+            nll, loss = marginalize.rag_token_smoothed_losses(full, prior, batch.ids, batch.mask, label_smoothing)
+            picked = marginalize.gather_targets(full, batch.ids)  # (B, K, T)
+        else:  # log p(y_i|x,z,y_<i) = logit - logsumexp: no (B, K, T, V) log-softmax is kept
+            picked, sums = marginalize.target_logprobs_from_logits(logits, batch.ids, vocab_sums=bool(label_smoothing))
+            if self.kind == "token":
+                nll = loss = -marginalize.token_logprob(picked, prior, batch.mask)  # (B,)
+            else:
+                nll, loss = marginalize.rag_sequence_losses(picked, sums, prior, batch.mask, label_smoothing,
+                                                            logits.shape[-1])  # fmt: skip
+        per_passage = marginalize.passage_logprob(picked, batch.mask)  # (B, K)
+        return RagOutput(loss.mean(), nll, prior, per_passage, None, batch.mask)
 
     @torch.no_grad()
     def generate(self, questions: list[str], config: DecodingConfig | None = None) -> RagAnswer:

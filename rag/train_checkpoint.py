@@ -126,6 +126,7 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **_cuda_rng_state(),
         }
         save_state(state, tmp / STATE_NAME)
         rag = _saved_rag_config(model, config)
@@ -170,7 +171,17 @@ def load_trainer_state(path: Path | str, model: RagModel, optimizer: torch.optim
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():  # a CPU resume of a GPU run cannot restore it
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
     return int(state["step"])
+
+
+def _cuda_rng_state() -> dict[str, list[torch.Tensor]]:
+    """Each GPU's generator state (dropout masks on CUDA draw from these, not from the CPU generator), so a
+    resumed GPU run continues exactly; nothing when CUDA was never used."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"cuda_rng": list(torch.cuda.get_rng_state_all())}
+    return {}
 
 
 def _read_trainer_state(path: Path) -> dict[str, Any]:
@@ -186,4 +197,7 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     for key, kind in expected.items():
         if not isinstance(state, dict) or not isinstance(state.get(key), kind):
             raise ValueError(f"{json_file}: field {key!r}: missing or not a {kind.__name__}")
+    cuda = state.get("cuda_rng", [])
+    if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) for t in cuda):
+        raise ValueError(f"{json_file}: field 'cuda_rng': not a list of tensors")
     return state

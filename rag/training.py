@@ -153,12 +153,12 @@ def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: Tr
     for micro, batch in enumerate(batches):
         substitutions = draw_substitutions(batch, pool, config.counterfactual_rate, config.seed, step, micro)
         rewritten += sum(s is not None for s in substitutions or [])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(model.generator.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             out = model([e.input for e in batch], [e.target for e in batch], config.label_smoothing, substitutions)
         (out.loss / len(batches)).backward()
         loss_sum += out.loss.item() / len(batches)
         entropy += doc_entropy(out.doc_logprior.float().detach()) / len(batches)
-        tokens += int(model.generator.encode_targets([e.target for e in batch]).mask.sum()) * model.k
+        tokens += int(out.target_mask.sum()) * model.k  # the targets as the forward tokenised them
         rows.update(out.retrieved.rows.reshape(-1).tolist())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")

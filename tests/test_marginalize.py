@@ -209,3 +209,26 @@ def test_one_token_classes_same_under_both_models():
     raw_scores = M.class_logprobs(first, prior, labels, "token", normalize=False)
     assert raw_scores[0, 0].exp().item() == pytest.approx(
         sum(p_z[0, z].item() * math.exp(first[0, z, 4].item()) for z in range(K)), abs=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_losses_from_logits_equal_the_log_softmax_path(epsilon):
+    """Training's path (rag.model.score_passages): targets gathered as logit - logsumexp, label smoothing's
+    vocabulary sums from the same pass, nll and loss together, equal the (B, K, T, V) log-softmax path."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, K, T, V, generator=g, dtype=torch.float64) * 3 + 5  # unnormalised, shifted
+    _, scores, targets, mask = _inputs(1)
+    prior = M.doc_logprior(scores)
+    full = torch.log_softmax(logits, dim=-1)
+    picked, sums = M.target_logprobs_from_logits(logits.float(), targets, vocab_sums=True)
+    torch.testing.assert_close(picked.double(), M.gather_targets(full, targets), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(sums.double(), full.sum(-1), atol=1e-4, rtol=1e-6)
+    nll, loss = M.rag_sequence_losses(picked.double(), sums.double(), prior, mask, epsilon, V)
+    torch.testing.assert_close(nll, M.rag_sequence_nll(full, prior, targets, mask), atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(loss, M.rag_sequence_nll(full, prior, targets, mask, epsilon), atol=1e-4, rtol=1e-6)
+    nll, loss = M.rag_token_smoothed_losses(full, prior, targets, mask, 0.1)
+    torch.testing.assert_close(nll, M.rag_token_nll(full, prior, targets, mask), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(loss, M.rag_token_nll(full, prior, targets, mask, 0.1), atol=0, rtol=0)
+    if epsilon:
+        with pytest.raises(ValueError, match="vocab_sums"):
+            M.rag_sequence_losses(picked, None, prior.float(), mask, epsilon, V)

@@ -19,6 +19,10 @@ its j-th passage. Closed-book use passes K = 1 and no passage.
         Teacher-forced log-softmax over the vocabulary for each target position; target n is read
         under prefix row rows[n] (so one prefix serves many hypotheses without re-encoding).
         Position t is the distribution of targets.ids[n, t] given targets.ids[n, :t].
+    gen.target_logits(prefix, rows, targets) -> Tensor (N, T, V)
+        The same distributions as unnormalised logits (log_softmax of them is target_logprobs): training
+        gathers the targets as logit - logsumexp (rag.marginalize.target_logprobs_from_logits) and never
+        keeps a (N, T, V) log-softmax.
     gen.start(prefix: Prefix, rows: LongTensor (N,)) -> DecodeState
         A decoding state of N rows (row n continues prefix row rows[n]), before any generated token.
     gen.step(state: DecodeState, tokens: LongTensor (N,) | None) -> tuple[Tensor (N, V), DecodeState]

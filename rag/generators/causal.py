@@ -137,16 +137,26 @@ class CausalGenerator(Generator):
         )
 
     def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        first, later = self._target_forward(prefix, rows, targets)
+        return first if later is None else torch.cat([first, _logsoftmax(later)], dim=1)  # (N, T, V)
+
+    def target_logits(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        # The first position's log-probabilities are their own logits (log_softmax leaves them as they are).
+        first, later = self._target_forward(prefix, rows, targets)
+        return first if later is None else torch.cat([first, later.float()], dim=1)  # (N, T, V)
+
+    def _target_forward(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> tuple[Tensor, Tensor | None]:
+        """log p(y_1 | prompt) (N, 1, V) from the prefix, and the logits of positions 2..T (N, T-1, V)."""
         assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
         first = prefix.first_logprobs.index_select(0, rows)[:, None]  # (N, 1, V)
         n, t = targets.ids.shape
         if t == 1:
-            return first
+            return first, None
         feed = targets.ids[:, :-1]  # (N, T-1); right padding never reaches an earlier position
         mask = torch.cat([prefix.attention_mask.index_select(0, rows), feed.new_ones(n, t - 1)], dim=1)
         positions = prefix.positions.index_select(0, rows)[:, None] + torch.arange(t - 1, device=feed.device)
         out = self._forward(feed, mask, positions, _copy_cache(prefix.cache, rows))
-        return torch.cat([first, _logsoftmax(out.logits)], dim=1)  # (N, T, V)
+        return first, out.logits
 
     def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
         assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None

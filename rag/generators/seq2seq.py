@@ -57,6 +57,9 @@ class Seq2SeqGenerator(Generator):
         )
 
     def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        return _logsoftmax(self.target_logits(prefix, rows, targets))  # (N, T, V)
+
+    def target_logits(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         assert prefix.hidden is not None
         start = targets.ids.new_full((targets.ids.shape[0], 1), self.decoder_start_token_id)
         decoder_input = torch.cat([start, targets.ids[:, :-1]], dim=1)  # (N, T)
@@ -66,7 +69,7 @@ class Seq2SeqGenerator(Generator):
             decoder_input,
             None,
         )
-        return _logsoftmax(out.logits)  # (N, T, V)
+        return out.logits  # (N, T, V)
 
     def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
         assert prefix.hidden is not None
