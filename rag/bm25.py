@@ -146,7 +146,7 @@ class BM25Index:
 
     def save(self, path: Path | str, extra: dict[str, Any] | None = None) -> None:
         """bm25s' own files (plain .npy arrays and JSON), then bm25.json (with `extra`); atomic."""
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, replaces=_is_bm25_index) as tmp:
             self.model.save(str(tmp), allow_pickle=False, show_progress=False)
             meta = {**(extra or {}), "format": FORMAT, "version": VERSION, "config": to_dict(self.config),
                     "passages": len(self), "terms": self.terms}  # fmt: skip
@@ -166,6 +166,14 @@ class BM25Index:
             raise ValueError(f"{path}: bm25s' files hold {len(index)} passages and {index.terms} terms, "
                              f"{BM25_META} says {meta['passages']} and {meta['terms']}")  # fmt: skip
         return index
+
+
+def _is_bm25_index(path: Path) -> bool:
+    try:
+        read_format_json(path, BM25_META, FORMAT, "BM25 index")
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------- inside a knowledge base folder

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.config import EvalConfig, to_dict
-from rag.io import atomic_write_text
+from rag.io import atomic_write_text, check_output_dir
 
 
 def run_identity(config: EvalConfig, task: dict[str, Any], generator: Any = None,
@@ -68,14 +68,46 @@ def drop_torn_line(path: Path) -> None:
             f.truncate(keep)
 
 
-def check_run(out_dir: Path, identity: dict[str, Any]) -> None:
-    run_file = out_dir / "run.json"
+RUN_FILE, PREDICTIONS_FILE, METRICS_FILE = "run.json", "predictions.jsonl", "metrics.json"
+EVAL_MARKER = "rag_eval.json"  # marks a `rag eval --out` folder (it holds run folders and the report)
+_REPORT_NAMES = ("report.md", "hotswap.md", "index-facts-b")
+
+
+def is_eval_run(path: Path) -> bool:
+    """Whether `path` is one evaluation's run folder (its run.json is an identity this module wrote)."""
+    try:
+        identity = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(identity, dict) and "config" in identity and "task" in identity
+
+
+def is_eval_output(path: Path) -> bool:
+    """Whether `path` is a `rag eval --out` folder: its marker, or (from before the marker) nothing but
+    run folders and the report's files."""
+    if (path / EVAL_MARKER).is_file():
+        return True
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(
+        is_eval_run(p) or p.name in _REPORT_NAMES or (p.suffix == ".png" and p.is_file()) for p in entries
+    )
+
+
+def check_run(out_dir: Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+    """The run folder holds this run (resume), or nothing: then it is claimed for this run. A folder of
+    another run is replaced only with `overwrite` (its own files only); a folder of anything else never.
+    Call it holding the folder's lock (evaluate_many does)."""
+    check_output_dir(out_dir, what="evaluation run", is_own=is_eval_run, reuse_own=True)
+    run_file = out_dir / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous != identity:
+        if previous == identity:
+            return
+        if not overwrite:
             raise ValueError(
                 f"{out_dir}: holds predictions of a different run (see run.json); use another output "
-                "folder, or delete it to start over"
+                "folder, or --overwrite to start this run over there"
             )
-    else:
-        atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
+        for name in (PREDICTIONS_FILE, METRICS_FILE, RUN_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))

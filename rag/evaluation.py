@@ -32,8 +32,8 @@ from tqdm import tqdm
 from rag import decoding
 from rag import metrics as MT
 from rag.config import EvalConfig, MetricKind
-from rag.eval_store import check_run, drop_torn_line, read_predictions, run_identity
-from rag.io import atomic_write_text
+from rag.eval_store import check_run, drop_torn_line, is_eval_run, read_predictions, run_identity
+from rag.io import atomic_write_text, check_output_dir, output_lock, remove_stale_temps_in
 from rag.tasks import Example
 
 
@@ -262,6 +262,7 @@ def evaluate(
     generator: Any = None,
     config: EvalConfig | None = None,
     task: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Predictions for `examples` (skipping those already in out_dir), then metrics over all of them.
 
@@ -271,7 +272,7 @@ def evaluate(
     file) is recorded in run.json so that a resumed run cannot mix two data sets.
     """
     return evaluate_many(examples, [(config or EvalConfig(), Path(out_dir))], retriever=retriever, generator=generator,
-                         task=task)[0]
+                         task=task, overwrite=overwrite)[0]
 
 
 def evaluate_many(
@@ -281,11 +282,15 @@ def evaluate_many(
     retriever: Any = None,
     generator: Any = None,
     task: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> list[EvalResult]:
     """Several configurations (each into its own folder) over the same examples, batch by batch:
     retrieval runs once at the deepest depth and the generator's prefix once for the largest k, which
     every RAG configuration (any k, kind, decoding) then decodes from. Each run's timing counts the
-    shared retrieval and prefill as its own, i.e. what it would have cost alone."""
+    shared retrieval and prefill as its own, i.e. what it would have cost alone.
+
+    A run folder is new or empty, or holds this run (resumed), or (overwrite) another run that is
+    started over; never anything else. A second evaluator of the same folder fails at once."""
     _check_components([c for c, _ in runs], retriever, generator)
     depth = max(max((*c.recall_ks, c.k)) for c, _ in runs)
     if retriever is not None:  # a small knowledge base: recall@k only for the k it can answer
@@ -295,8 +300,12 @@ def evaluate_many(
     with contextlib.ExitStack() as stack:
         for config, out_dir in runs:
             out_dir = Path(out_dir)
+            check_output_dir(out_dir, what="evaluation run", is_own=is_eval_run, reuse_own=True)
             out_dir.mkdir(parents=True, exist_ok=True)
-            check_run(out_dir, run_identity(config, task or {}, generator, retriever))
+            # one evaluator per run folder: a second fails at once instead of interleaving lines
+            stack.enter_context(output_lock(out_dir / "predictions.jsonl", wait=False, what="evaluation run"))
+            remove_stale_temps_in(out_dir)  # what a killed run left (metrics.json, run.json temporaries)
+            check_run(out_dir, run_identity(config, task or {}, generator, retriever), overwrite)
             drop_torn_line(out_dir / "predictions.jsonl")
             done = {r["id"] for r in read_predictions(out_dir / "predictions.jsonl")}
             sink = stack.enter_context(open(out_dir / "predictions.jsonl", "a", encoding="utf-8"))

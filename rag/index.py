@@ -100,6 +100,15 @@ def _faiss_index(dim: int, n: int, config: IndexConfig) -> faiss.Index:
     raise DenseIndexError(f"unknown index kind {config.kind!r} (flat, hnsw, ivfpq, factory)")
 
 
+def is_index_folder(path: Path) -> bool:
+    """Whether `path` holds a DenseIndex folder (its meta.json says so): what save may replace."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def check_buildable(config: IndexConfig, n: int, dim: int) -> None:
     """Fail now, not after hours of encoding, on a config that cannot index n rows of dim D."""
     if config.kind != "flat":
@@ -257,7 +266,7 @@ class DenseIndex:
         if matrix.dtype != store_dtype(config):
             raise DenseIndexError(f"{embeddings}: dtype {matrix.dtype}, the index stores {store_dtype(config)}")
         check_buildable(config, matrix.rows, matrix.dim)
-        with _stages(stages, Path(out_dir)) as stage_dir, atomic_dir(out_dir) as tmp:
+        with _stages(stages, Path(out_dir)) as stage_dir, atomic_dir(out_dir, replaces=is_index_folder) as tmp:
             link_or_copy(matrix.path, tmp / EMB_FILE)
             index = None
             if config.kind != "flat":
@@ -298,7 +307,7 @@ class DenseIndex:
         """Write the index folder atomically; meta.json is written last."""
         if self.config.ondisk_lists:
             raise DenseIndexError("an index with on-disk lists is saved where it is built (build_from_file)")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, replaces=is_index_folder) as tmp:
             np.save(tmp / EMB_FILE, self._emb)
             _write_rest(tmp, self._faiss, self.config, len(self), self.dim)
 

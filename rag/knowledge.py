@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -40,7 +39,16 @@ from rag.config import CorpusConfig, EncoderConfig, GivenEmbeddings, IndexConfig
 from rag.corpus import BUILTIN_PREFIX, Passage, ReadReport, iter_passages, passage_text
 from rag.encoder_layout import default_query_scale, inspect_encoder_dir, passage_dtype
 from rag.index import DenseIndex, check_buildable, link_or_copy, store_dtype
-from rag.io import atomic_dir, atomic_path, atomic_write_text, read_format_json
+from rag.io import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    check_output_dir,
+    output_lock,
+    read_format_json,
+    remove_stale_temps,
+    remove_stale_temps_in,
+)
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
 from rag.store import PassageStore, write_passage_store
 from rag.vectors import EmbeddingsError, EmbeddingsFile, align_embeddings, open_embeddings
@@ -123,14 +131,29 @@ def work_dir_for(out_dir: Path, fp: str) -> Path:
 
 @contextlib.contextmanager
 def build_lock(out_dir: Path) -> Iterator[None]:
-    """One builder per output folder at a time (another process waits here, then finds it built)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """One writer per knowledge base folder at a time (another process waits here, then finds the
+    folder as the first left it); the lock file is removed on release (rag.io.output_lock)."""
+    with output_lock(out_dir, wait=True, what="knowledge base"):
+        yield
+
+
+def is_knowledge_base(path: Path | str) -> bool:
+    """Whether `path` is a finished knowledge base folder (its meta.json says so)."""
+    try:
+        read_knowledge_meta(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def build_inputs(corpus: CorpusConfig, encoder: EncoderConfig, given: GivenEmbeddings | None = None,
+                 query_encoder: EncoderConfig | str | None = None) -> list[Path]:  # fmt: skip
+    """The paths a build reads, which its output must never replace or be inside."""
+    paths = [] if corpus.source.startswith(BUILTIN_PREFIX) else [Path(corpus.source)]
+    for spec in (encoder.path, query_encoder.path if isinstance(query_encoder, EncoderConfig) else query_encoder):
+        if spec:
+            paths.append(resolve_path(spec))
+    return paths + ([Path(given.path)] if given is not None else [])
 
 
 def build_knowledge_base(
@@ -143,8 +166,12 @@ def build_knowledge_base(
     given: GivenEmbeddings | None = None,
     query_encoder: EncoderConfig | str | None = None,
     query_scale: float | None = None,
+    overwrite: bool = False,
 ) -> KnowledgeBaseInfo:
     """Build (or finish an interrupted build of) the knowledge base in `out_dir`.
+
+    out_dir: a new or empty folder, or (overwrite) a knowledge base to replace; never anything else,
+    the current directory, or a folder holding or inside an input (rag.io.check_output_dir).
 
     given: index these embeddings (matched to the passages by id) instead of encoding the corpus;
     `encoder` then names the d(z) that made them (its dim is checked; q(x) defaults to it).
@@ -152,7 +179,12 @@ def build_knowledge_base(
     own folder, scale 20 if it normalises, else 1).
     """
     out_dir = Path(out_dir).resolve()
+    inputs = build_inputs(corpus, encoder, given, query_encoder)
+    check_output_dir(out_dir, what="knowledge base", is_own=is_knowledge_base, overwrite=overwrite, inputs=inputs)
     with build_lock(out_dir):
+        # again under the lock: a concurrent build may have finished one here while this one waited
+        check_output_dir(out_dir, what="knowledge base", is_own=is_knowledge_base, overwrite=overwrite,
+                         inputs=inputs)  # fmt: skip
         return _build(corpus, encoder, index, out_dir, progress, device, given, query_encoder, query_scale)
 
 
@@ -173,6 +205,7 @@ def _build(
             f"the passage encoder d(z) must have scale 1.0, got {encoder.scale}; scale q(x) instead"
         )
     query = matching_query_encoder(encoder, query_encoder, query_scale)
+    remove_stale_temps(out_dir)  # a killed build's full-size temporary copy (we hold the lock)
     if index.kind == "factory" and not index.factory:
         raise ValueError(
             "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"
@@ -197,7 +230,7 @@ def _build(
         if source.rows is not None and source.rows != len(store):
             raise EmbeddingsError(f"{source.path}: {source.rows} vectors, the corpus has {len(store)} passages")
     del d_z
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=is_knowledge_base) as tmp:
         if source is None:
             built = DenseIndex.build_from_shards(shards, index, tmp / INDEX_DIR, progress=progress)
         else:
@@ -274,6 +307,7 @@ def _encode_shards(
     n = len(store)
     bounds = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
     paths = [work / "shards" / f"{i:06d}.npy" for i in range(len(bounds))]
+    remove_stale_temps_in(work / "shards")  # a killed build's half-written shards (we hold the lock)
     done = [_shard_ok(p, hi - lo, d_z.dim) for p, (lo, hi) in zip(paths, bounds, strict=True)]
     bar = None
     if progress:
@@ -335,7 +369,7 @@ def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta:
     if len(passages) != vectors.shape[0]:
         raise ValueError(f"{len(passages)} passages but {vectors.shape[0]} vectors")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=is_knowledge_base) as tmp:
         DenseIndex.build(vectors, from_dict(IndexConfig, meta["index"])).save(tmp / INDEX_DIR)
         write_passage_store(passages, tmp / PASSAGES_FILE)
         meta = dict(meta, passages=len(passages), dim=int(vectors.shape[1]))
@@ -425,10 +459,8 @@ def default_knowledge_base(progress: bool = True) -> Path:
     out = (cache_dir() / "kb" / name).resolve()
     corpus, index = CorpusConfig(), IndexConfig()
     with build_lock(out):  # several processes may ask at once: one builds, the others wait
-        if (out / META_FILE).is_file():
-            meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-            if same_build(meta, corpus, encoder, index):
-                return out
+        if is_knowledge_base(out) and same_build(read_knowledge_meta(out), corpus, encoder, index):
+            return out
         _build(corpus, encoder, index, out, progress, "cpu")
     return out
 

@@ -16,8 +16,11 @@ the config names the knowledge base folder (`rag.index_dir`) they live in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from rag.config import (
     to_dict,
 )
 from rag.encoders import saved_encoder_config
-from rag.io import atomic_dir
+from rag.io import atomic_dir, atomic_write_text, check_output_dir, output_lock, remove_stale_temps
 from rag.knowledge import (
     default_knowledge_base,
     open_knowledge_base,
@@ -103,7 +106,7 @@ def save_checkpoint(path: Path | str, model: RagModel, config: TrainConfig, opti
                     scheduler: Any, step: int) -> Path:  # fmt: skip
     """Write the checkpoint folder; it replaces `path` in one rename, only once complete."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replaces=is_training_checkpoint) as tmp:
         parts = ((model.query_encoder, config.query_lora, QUERY_DELTA_DIR, "query_encoder", _query_base(config).path),
                  (model.generator, config.generator_lora, GENERATOR_DELTA_DIR, "generator", config.rag.generator.path))
         for part, spec, delta_dir, full_dir, base in parts:
@@ -201,3 +204,59 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) for t in cuda):
         raise ValueError(f"{json_file}: field 'cuda_rng': not a list of tensors")
     return state
+
+
+# ------------------------------------------------------------------------------------ the run folder
+
+RUN_FILE = "train_run.json"  # marks a folder as a `rag train` run folder from its first moment
+_RUN_FORMAT = "rag-train-run"
+LOG_FILE = "log.jsonl"
+
+
+def is_training_run(path: Path | str) -> bool:
+    """Whether `path` is a `rag train` run folder: its marker, or (runs from before the marker) a
+    training checkpoint in it, or nothing but a log.jsonl."""
+    path = Path(path)
+    if (path / RUN_FILE).is_file():
+        try:
+            return json.loads((path / RUN_FILE).read_text(encoding="utf-8")).get("format") == _RUN_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    return is_training_checkpoint(path / "checkpoint") or names == {LOG_FILE}
+
+
+def check_run_folder(out: Path | str, resume: bool, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> bool:
+    """run_folder's checks, without taking the folder (a command runs them before loading anything);
+    True if the folder holds a run."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder, --overwrite starts it over: not both")
+    existing = check_output_dir(out, what="training run (--resume continues it)", is_own=is_training_run,
+                                overwrite=overwrite, inputs=inputs, reuse_own=resume)  # fmt: skip
+    if resume and not is_training_checkpoint(out / "checkpoint"):
+        raise FileNotFoundError(f"{out}: no checkpoint to resume (rag train wrote none there yet)")
+    return existing
+
+
+@contextlib.contextmanager
+def run_folder(out: Path | str, resume: bool, overwrite: bool = False,
+               inputs: Sequence[Path | str] = ()) -> Iterator[Path]:  # fmt: skip
+    """Hold a run folder for one training call: one writer at a time (a second fails at once), never a
+    folder that is not a run's, the current directory or an input; `resume` continues the run there,
+    `overwrite` starts it over (deleting only the run's own files), otherwise it must be new or empty.
+    Stale temporaries of a killed run's checkpoint are removed."""
+    out = Path(out)
+    check_run_folder(out, resume, overwrite, inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out / "checkpoint", wait=False, what="training run"):
+        existing = check_run_folder(out, resume, overwrite, inputs)  # again, now that we hold it
+        remove_stale_temps(out / "checkpoint")
+        if existing and overwrite:
+            for name in (LOG_FILE, RUN_FILE):
+                (out / name).unlink(missing_ok=True)
+            if is_training_checkpoint(out / "checkpoint"):
+                shutil.rmtree(out / "checkpoint")
+        if not (out / RUN_FILE).is_file():
+            atomic_write_text(out / RUN_FILE, json.dumps({"format": _RUN_FORMAT}))
+        yield out

@@ -30,7 +30,7 @@ from rag.metrics import exact_match, has_answer, regex_match
 from rag.model import RagModel
 from rag.passage_training import attach_passage_encoder, reindex
 from rag.tasks import Example, read_task
-from rag.train_checkpoint import load_trainer_state, save_checkpoint
+from rag.train_checkpoint import load_trainer_state, run_folder, save_checkpoint
 
 __all__ = ["DevScores", "Example", "TrainConfig", "TrainResult", "batch_order", "check_trainable", "doc_entropy",
            "draw_substitutions", "evaluate_dev", "lr_factor", "make_optimizer", "read_examples", "train", "train_step"]  # fmt: skip
@@ -196,16 +196,32 @@ def evaluate_dev(model: RagModel, examples: Sequence[Example], config: TrainConf
 def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
           dev_data: Sequence[Example] = (), out_dir: Path | str | None = None, resume: bool = False,
           progress: bool = False, stop_after: int | None = None,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:  # fmt: skip
+          on_step: Callable[[int, dict[str, float]], None] | None = None, overwrite: bool = False,
+          inputs: Sequence[Path | str] = ()) -> TrainResult:  # fmt: skip
     """Fine-tune `model` on `train_data`; logs to out_dir/log.jsonl, checkpoints to out_dir/checkpoint.
 
     resume: continue from out_dir/checkpoint (weights, optimiser, schedule, RNG, data position).
+    overwrite: start over in a folder that holds a run (only the run's own files are deleted).
+    inputs: paths the run reads (data, knowledge base) that out_dir must never replace or be inside.
     stop_after: stop after this many steps of *this call* (what an interruption does; for tests).
     """
     check_trainable(train_data)
     if len(train_data) < config.batch_size:
         raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size}")
-    out = Path(out_dir) if out_dir is not None else None
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1, got {stop_after}")
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume needs out_dir (the run folder holding checkpoint/)")
+        return _train(model, train_data, config, dev_data, None, False, progress, stop_after, on_step)
+    kb = [config.rag.index_dir] if config.rag.index_dir else []
+    with run_folder(out_dir, resume, overwrite, [*inputs, *kb]) as out:
+        return _train(model, train_data, config, dev_data, out, resume, progress, stop_after, on_step)
+
+
+def _train(model: RagModel, train_data: Sequence[Example], config: TrainConfig, dev_data: Sequence[Example],
+           out: Path | None, resume: bool, progress: bool, stop_after: int | None,
+           on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:  # fmt: skip
     torch.manual_seed(config.seed)
     if config.train_passage_encoder and model.retriever.kind != "dense":
         raise ValueError(f"training d(z) needs the dense retriever, not {model.retriever.kind!r}")
@@ -217,12 +233,8 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
     if config.counterfactual_rate > 0:
         pool = SubstitutePool((e.input, e.target) for e in train_data)
     step = 0
-    if resume:
-        if out is None:
-            raise ValueError("resume needs out_dir (the run folder holding checkpoint/)")
+    if resume and out is not None:
         step = load_trainer_state(out / "checkpoint", model, optimizer, scheduler)
-    elif out is not None and (out / "checkpoint").exists():
-        raise ValueError(f"{out}: already holds a checkpoint; resume it or choose a new folder")
     log = _open_log(out, step) if out is not None else None
     last = config.steps if stop_after is None else min(config.steps, step + stop_after)
     bar = _bar(progress, config.steps, step)

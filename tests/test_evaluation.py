@@ -235,3 +235,35 @@ def test_cli_eval_runs_each_k_and_writes_the_report(kb, tmp_path):
         assert [p["id"] for p in a["retrieved"]] == [p["id"] for p in b["retrieved"]]
         np.testing.assert_allclose([5 * p["score"] for p in a["retrieved"]], [p["score"] for p in b["retrieved"]],
                                    rtol=1e-4)
+
+
+def test_eval_output_paths_resume_overwrite_and_a_second_evaluator(kb, retriever, tmp_path, capsys):
+    """rag eval --out: never a folder of other files or an input; a run of other settings only with
+    --overwrite; a second evaluator of the same run folder fails at once (it used to interleave lines)."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": list(a)}) + "\n"
+                            for q, a in zip(QUESTIONS, ANSWERS, strict=True)), encoding="utf-8")  # fmt: skip
+    common = ["eval", "--task", "nq-open", "--data", str(data), "--index", str(kb / "kb"), "--no-progress",
+              "--mode", "retrieval-only"]  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    assert main([*common, "--out", str(mine)]) == 2
+    assert "did not write as a rag eval output" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]
+    for inside in (kb / "kb", kb / "kb" / "runs", data):
+        assert main([*common, "--out", str(inside)]) == 2
+        assert "input" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main([*common, "--out", str(out)]) == 0
+    assert main([*common, "--out", str(out)]) == 0  # the same run again: resumed, nothing to do
+    assert main([*common, "--out", str(out), "--limit", "2"]) == 2  # other settings, same run folder
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--limit", "2", "--overwrite"]) == 0
+    assert len(read_predictions(out / "retrieval-only" / "predictions.jsonl")) == 2
+    from rag.io import OutputBusyError, output_lock
+
+    with output_lock(out / "retrieval-only" / "predictions.jsonl"):  # another evaluator is writing there
+        with pytest.raises(OutputBusyError, match="another process"):
+            evaluate(_examples(), out / "retrieval-only", retriever=retriever,
+                     config=_config(mode="retrieval-only"))  # fmt: skip

@@ -46,8 +46,8 @@ def test_build_and_open_round_trip(tmp_path, corpus, encoder_dir):
     passages = expected_passages(records)
     assert (info.passages, info.documents, info.dim) == (len(passages), len(records), 32)
     assert info.shards == -(-len(passages) // 8) and info.shards_reused == 0
-    # the work folder is gone; only the (empty) lock file of the builders stays beside the output
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock", "kb"]
+    # the work folder and the builders' lock file are gone: only the output is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb"]
 
     index, store, meta = open_knowledge_base(out)
     assert len(index) == len(store) == meta["passages"] == len(passages)
@@ -141,7 +141,7 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, corpus, encoder_dir, capsys):
     assert main(base) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "'text'" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock", "bad.jsonl"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nothing half-written, no lock left
     assert main([*base, "--skip-bad-records"]) == 0
     assert "1 bad records skipped" in capsys.readouterr().out
     assert main([*base, "--index-type", "factory"]) == 2

@@ -54,7 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-new-tokens", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier rag eval --out (runs resume there); never the "
+                        "current directory, the data, the knowledge base or the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a run over where --out holds a run of other settings (default: refuse)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--hotswap-experiment", action="store_true",
                    help="run the built-in knowledge hot-swap experiment (2x2 table in --out/hotswap.md)")
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from rag.eval_report import write_report
     from rag.evaluation import EvalConfig, evaluate_many, metric_for_task
 
-    out = Path(args.out)
+    out = claim_output(args)
     if args.hotswap_experiment:
         return run_hotswap(args, out)
     examples = read_examples(args)
@@ -161,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                                 metric=metric_for_task(args.task), batch_size=args.batch_size,
                                 progress=not args.no_progress)
             runs.append((config, out / run_name(args.mode, kind, dec, k)))
-    for result in evaluate_many(examples, runs, retriever=retriever, generator=generator, task=task):
+    for result in evaluate_many(examples, runs, retriever=retriever, generator=generator, task=task,
+                                overwrite=args.overwrite):
         shown = ", ".join(f"{n} {100 * v:.1f}" for n, v in result.metrics.items() if v is not None)
         recall = ", ".join(f"R@{k} {100 * v:.1f}" for k, v in result.recall.items())
         print(f"{result.out_dir.name}: n={result.n} {shown} {recall} "
@@ -169,6 +174,19 @@ def run(args: argparse.Namespace) -> int:
     found = sorted(p.parent for p in out.glob("*/metrics.json"))
     print(f"report: {write_report(found, out, title=f'rag eval: {args.task} {Path(args.data).name}')}")
     return 0
+
+
+def claim_output(args: argparse.Namespace) -> Path:
+    """--out checked before any work (rag.io.check_output_dir) and marked as rag eval's."""
+    from rag.eval_store import EVAL_MARKER, is_eval_output
+    from rag.io import atomic_write_text, check_output_dir
+
+    out = Path(args.out)
+    inputs = [p for p in (args.data, args.index, args.checkpoint, args.swap_index) if p]
+    check_output_dir(out, what="rag eval output", is_own=is_eval_output, inputs=inputs, reuse_own=True)
+    if not (out / EVAL_MARKER).is_file():
+        atomic_write_text(out / EVAL_MARKER, '{"format": "rag-eval-output"}\n')
+    return out
 
 
 def _variants(args: argparse.Namespace, kinds: list[str]) -> list[tuple[str, str]]:

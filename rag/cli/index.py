@@ -66,7 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--shard-size", type=int, default=IndexConfig.shard_size, help="passages per resumable shard"
     )
-    build.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    build.add_argument("--out", required=True,
+                       help="output folder: new or empty (it appears only when complete); never the current "
+                            "directory, the corpus or a folder holding or inside it")
+    build.add_argument("--overwrite", action="store_true", help="replace the knowledge base already at --out")
     build.add_argument("--retriever", choices=["dense", "bm25"], default="dense",
                        help="bm25: also index the passages with BM25 (bm25s), a second index in the same "
                             "folder; on an existing knowledge base only that is done (no re-encoding)")
@@ -127,11 +130,12 @@ def run_build(args: argparse.Namespace) -> int:
 
     corpus, encoder, index = configs_from_args(args)
     out = Path(args.out)
-    if args.retriever == "bm25" and (out / META_FILE).is_file():
+    if args.retriever == "bm25" and not args.overwrite and (out / META_FILE).is_file():
         return _add_bm25(out, corpus, not args.no_progress)
     given = given_from_args(args)
     info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress, given=given,
-                                query_encoder=args.query_encoder or None, query_scale=args.query_scale)
+                                query_encoder=args.query_encoder or None, query_scale=args.query_scale,
+                                overwrite=args.overwrite)  # fmt: skip
     rate = info.passages / info.seconds if info.seconds > 0 else float("inf")
     print(f"built {info.path}: {info.passages} passages from {info.documents} documents, dim {info.dim}, "
           f"{index.kind} index")  # fmt: skip

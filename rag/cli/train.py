@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out, replacing the run there")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this invocation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,10 +87,13 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
 def run(args: argparse.Namespace) -> int:
     from rag.model import RagModel
     from rag.tasks import read_task
+    from rag.train_checkpoint import check_run_folder
     from rag.training import TrainConfig, read_examples, train
 
     if not args.train_file or not args.out:
         raise ValueError("rag train needs --train FILE and --out FOLDER (or: rag train plot LOG --out PNG)")
+    inputs = [f for f in (args.train_file, args.dev_file) if f]
+    check_run_folder(args.out, args.resume, args.overwrite, [*inputs, *([args.index] if args.index else [])])
     options = {"subsets": args.subset} if args.subset else {}
     train_data = read_examples(args.train_file, args.task, **options)
     dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     model = RagModel.from_config(config.rag, args.device)
     result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
-                   progress=not args.quiet, stop_after=args.stop_after)  # fmt: skip
+                   progress=not args.quiet, stop_after=args.stop_after, overwrite=args.overwrite,
+                   inputs=inputs)  # fmt: skip
     summary = {"steps": result.steps, "checkpoint": str(result.checkpoint)}
     if result.dev is not None:
         summary["dev"] = dataclasses.asdict(result.dev)

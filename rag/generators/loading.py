@@ -14,7 +14,7 @@ from rag.encoders import native_bfloat16
 from rag.generators.base import Generator
 from rag.generators.causal import CausalGenerator
 from rag.generators.seq2seq import Seq2SeqGenerator
-from rag.io import atomic_dir
+from rag.io import atomic_dir, output_lock, remove_stale_temps
 from rag.lora import apply_deltas
 from rag.resources import cache_dir, resolve_path
 
@@ -26,12 +26,20 @@ def converted_gguf_dir(gguf: Path, config: GeneratorConfig) -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF file through transformers once; save safetensors + tokenizer under `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf}: GGUF file does not exist")
+    with output_lock(out, what="converted generator"):  # two first runs at once: one converts
+        if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+            remove_stale_temps(out)  # a killed conversion's full-size temporary copy
+            _convert(gguf, out)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     started = time.perf_counter()
     print(f"converting {gguf.name} to safetensors (once) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -43,11 +51,11 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
-    with atomic_dir(out) as tmp:
+    # the folder is the cache's own (rag.resources.cache_dir): an unfinished one may be replaced
+    with atomic_dir(out, replaces=lambda path: True) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"converted in {time.perf_counter() - started:.0f} s -> {out}", flush=True)
-    return out
 
 
 def _family(path: Path, config: GeneratorConfig) -> Literal["seq2seq", "causal"]:
