@@ -110,6 +110,15 @@ class _Stepper:
         logp, self.state = self.gen.step(self.state, None)  # (G*block, V)
         return self._combine(logp, 1)
 
+    def keep_groups(self, keep: Tensor) -> None:
+        """Drop the groups that have finished (greedy): keep (A,) positions of the groups still decoding,
+        in the current state. Their rows, cache and prior are selected; each row's numbers stay its own."""
+        rows = (keep[:, None] * self.block + self.offsets).flatten()  # (A*block,)
+        self.state = self.gen.reorder(self.state, rows)
+        self.groups = keep.shape[0]
+        if self.prior is not None:
+            self.prior = self.prior.index_select(0, keep)
+
     def advance(self, source: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """source (N,): for each new beam the flat index of the beam it continues; tokens (N,) fed to it."""
         rows = (source[:, None] * self.block + self.offsets).flatten()  # (N*block,)
@@ -149,10 +158,15 @@ class _GreedyStep:
 
 def _greedy_steps(stepper: _Stepper, rules: _Rules) -> Stream[_GreedyStep, None, _Found]:
     """transformers' greedy search: argmax, pad after eos, stop when every row has ended. Yields each
-    step as soon as its tokens are chosen (streaming); the generator's return value is the _Found."""
+    step as soon as its tokens are chosen (streaming); the generator's return value is the _Found.
+
+    A group that has ended (its answer reached eos, e.g. the newline of a short answer) leaves the
+    decoder state at once: later steps run only the groups still decoding (their numbers are what they
+    would be in the full batch: tests/test_decoding.py, batched == alone)."""
     marg, per_doc = stepper.first()  # (G, V), (G, block, V)
     groups, block, L = marg.shape[0], per_doc.shape[1], rules.max_new
     rows = torch.arange(groups, device=marg.device)
+    active = rows  # (A,) the groups the decoder state holds, in its order
     tokens = marg.new_full((groups, L), rules.pad, dtype=torch.long)  # (G, L)
     logprob, doc = marg.new_zeros(groups), marg.new_zeros(groups, block, L)
     lengths = torch.zeros(groups, dtype=torch.long, device=marg.device)
@@ -167,7 +181,17 @@ def _greedy_steps(stepper: _Stepper, rules: _Rules) -> Stream[_GreedyStep, None,
         alive &= tok != rules.eos
         if not alive.any() or step + 1 == L:
             break
-        marg, per_doc = stepper.advance(rows, tok)
+        still = alive[active]  # (A,)
+        if not bool(still.all()):
+            keep = still.nonzero().squeeze(1)  # (A',) positions in the state
+            stepper.keep_groups(keep)
+            active = active[keep]
+        step_marg, step_doc = stepper.advance(torch.arange(active.shape[0], device=marg.device), tok[active])
+        if active.shape[0] == groups:
+            marg, per_doc = step_marg, step_doc
+        else:  # ended groups keep zeros: their tokens are pad from here on (alive is False)
+            marg, per_doc = marg.new_zeros(marg.shape), per_doc.new_zeros(per_doc.shape)
+            marg[active], per_doc[active] = step_marg, step_doc
     return _Found(tokens[:, None], lengths[:, None], logprob[:, None], logprob[:, None], doc[:, None])
 
 

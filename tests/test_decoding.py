@@ -377,3 +377,23 @@ def test_bad_options_are_rejected(setup):
         rag_token_generate(gen, prefix, prior[:, :2], _config())
     with pytest.raises(ValueError, match="k must be"):
         answer(gen, QUESTIONS, PASSAGES, SCORES, "token", _config(), k=4)
+
+
+@pytest.mark.parametrize("family", ["bart", "llama"])
+def test_greedy_drops_ended_questions_and_changes_nothing(family):
+    """Greedy RAG-Token removes a question from the decoder state once it has ended: with questions that
+    end at different steps, every question's answer, score and per-token posteriors equal asking it alone."""
+    gen = _six_token_generator(family)
+    questions = ["yes no yes", "no no", "yes", "no yes no no", "yes yes"]
+    passages = [[("yes", "no no yes"), ("no", "yes"), ("yes yes", "no")], [("no", "no"), ("yes", "yes no"), ("no", "yes")]]
+    passages = [passages[i % 2] for i in range(len(questions))]
+    scores = torch.tensor([[1.5, 0.2, -0.7], [0.0, 0.9, 0.4], [2.0, -1.0, 0.0], [0.3, 0.3, 0.3], [-1.0, 2.0, 0.5]])
+    config = _config(max_new_tokens=8, min_new_tokens=0)
+    batched = answer(gen, questions, passages, scores, "token", config)
+    lengths = {len(s[0]) for s in batched.sequences}
+    assert len(lengths) > 1, "the questions must end at different steps for this test to mean anything"
+    for b in range(len(questions)):
+        alone = answer(gen, questions[b : b + 1], passages[b : b + 1], scores[b : b + 1], "token", config)
+        assert alone.sequences[0] == batched.sequences[b]
+        torch.testing.assert_close(alone.scores[0], batched.scores[b], atol=1e-5, rtol=0)  # left padding: rounding
+        torch.testing.assert_close(alone.token_doc_logposterior[0], batched.token_doc_logposterior[b], atol=1e-5, rtol=0)

@@ -300,3 +300,33 @@ def test_smollm2_gguf_converts_once_and_reads_luanda_from_the_angola_passage():
                 break
             out.append(int(tokens.item()))
     assert "Luanda" in gen.decode(out)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-short-answer", "gpt2"])
+def test_prefill_by_length_equals_one_padded_prefill(name):
+    """Inference prefills more than PREFILL_ROWS prompts in length groups and lays their caches back into
+    one left-padded cache: every row's first-token distribution, scored targets and greedy steps equal
+    those of the single padded prefill (training's path)."""
+    from rag.generators.causal import PREFILL_ROWS
+
+    gen = tiny_generator(name)
+    lengths = [1, 7, 3, 12, 5, 9, 2, 11, 4, 6]  # more rows than PREFILL_ROWS, all widths different
+    assert len(lengths) > PREFILL_ROWS
+    words = "luanda is the capital city of angola one two three the book was born".split()
+    questions = [" ".join(words[:n]) for n in lengths]
+    inputs = gen.format_inputs(questions, None)
+    with torch.no_grad():
+        grouped = gen.encode_prefix(inputs)
+        with torch.enable_grad():
+            single = gen.encode_prefix(inputs)  # under grad: the one padded forward
+        torch.testing.assert_close(grouped.first_logprobs, single.first_logprobs, atol=1e-5, rtol=0)
+        rows = torch.arange(len(questions))
+        targets = gen.encode_targets(["the capital", "one two", "angola"] * 3 + ["born"])
+        torch.testing.assert_close(gen.target_logprobs(grouped, rows, targets), gen.target_logprobs(single, rows, targets),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+        a, b = gen.start(grouped, rows), gen.start(single, rows)
+        tokens = None
+        for _ in range(3):
+            (la, a), (lb, b) = gen.step(a, tokens), gen.step(b, tokens)
+            torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
+            tokens = la.argmax(-1)

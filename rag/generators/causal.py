@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rag.config import GeneratorConfig
 from rag.generators.base import (
@@ -21,6 +22,7 @@ from rag.generators.base import (
     _logsoftmax,
 )
 
+PREFILL_ROWS = 8  # inference prefills prompts in groups of this many, by length (CausalGenerator.encode_prefix)
 CAUSAL_SYSTEM_PROMPT = "Answer the question using the passage. Reply with only the answer, in a few words."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with only the answer, in a few words."
 # The "short-answer" prompt's demonstrations. A 135M instruct model told to "reply with only the answer"
@@ -126,15 +128,52 @@ class CausalGenerator(Generator):
 
     def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
         mask = inputs.attention_mask
+        if torch.is_grad_enabled() or len(mask) <= PREFILL_ROWS:
+            cache, first = self._prefill(inputs.input_ids, mask)  # training: one forward, one graph
+        else:
+            cache, first = self._prefill_by_length(inputs.input_ids, mask)
+        return Prefix(attention_mask=mask, cache=cache, positions=mask.sum(-1), first_logprobs=first)
+
+    def _prefill(self, ids: Tensor, mask: Tensor) -> tuple[Cache, Tensor]:
+        """The prompts' key/value cache and log p(y_1 | prompt) (R, V)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, L): left padding starts each prompt at 0
         # logits_to_keep=1: only the last position's logits are used (not (R, L, V))
-        out = self._forward(inputs.input_ids, mask, positions, DynamicCache(), **self.last_logits_only)
-        return Prefix(
-            attention_mask=mask,
-            cache=_cache_of(out),
-            positions=mask.sum(-1),
-            first_logprobs=_logsoftmax(out.logits[:, -1]),
-        )
+        out = self._forward(ids, mask, positions, DynamicCache(), **self.last_logits_only)
+        return _cache_of(out), _logsoftmax(out.logits[:, -1])
+
+    def _prefill_by_length(self, ids: Tensor, mask: Tensor) -> tuple[Cache, Tensor]:
+        """_prefill in groups of PREFILL_ROWS prompts of similar length, each cut to its own longest: a
+        batch's prompts differ in length (passages do), and left padding to the longest of all costs a
+        third of the prefill. The groups' caches are laid back into one left-padded cache of the full
+        width; the padding positions hold zeros instead of values computed from pad tokens, and the
+        attention mask hides both. Each row's numbers are those of a batch without padding
+        (tests/test_generators.py: equal to one prefill)."""
+        rows, width = mask.shape
+        lengths = mask.sum(-1)  # (R,)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        groups = [order[i : i + PREFILL_ROWS] for i in range(0, rows, PREFILL_ROWS)]
+        parts = []
+        for group in groups:
+            w = int(lengths[group].max())
+            parts.append((group, w, *self._prefill(ids[group, width - w :], mask[group, width - w :])))
+        template = parts[0][2]
+        if not all(type(layer) is DynamicLayer for _, _, cache, _ in parts for layer in cache.layers):
+            return self._prefill(ids, mask)  # another cache layout (sliding windows): one padded batch
+        first = parts[0][3].new_empty(rows, parts[0][3].shape[-1])  # (R, V)
+        cache = copy.copy(template)
+        cache.layers = []
+        for i, layer in enumerate(template.layers):
+            keys = layer.keys.new_zeros(rows, layer.keys.shape[1], width, layer.keys.shape[-1])  # (R, H, L, d)
+            values = layer.values.new_zeros(rows, layer.values.shape[1], width, layer.values.shape[-1])
+            for group, w, part, _ in parts:
+                keys[group, :, width - w :] = part.layers[i].keys
+                values[group, :, width - w :] = part.layers[i].values
+            merged = copy.copy(layer)
+            merged.keys, merged.values = keys, values
+            cache.layers.append(merged)
+        for group, _, _, part_first in parts:
+            first[group] = part_first
+        return cache, first
 
     def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         first, later = self._target_forward(prefix, rows, targets)
