@@ -269,39 +269,51 @@ def rag_model_config(
     index_dir: str = "",
     generator: str = "",
     dtype: str = "auto",
-    prompt: str = "short-answer",
+    prompt: str | None = None,
     checkpoint: str = "",
     device: str = "cpu",
     retriever: str | None = None,
     bm25_temperature: float | None = None,
     query_encoder: str = "",
     query_scale: float | None = None,
+    reader: str = "default",
 ) -> RagConfig:
     """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
     checkpoint's model (its q(x), generator, knowledge base, retriever, kind and k), which the other
     flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense).
     q(x): rag.knowledge.query_encoder_config (the knowledge base's recorded q(x), or the checkpoint's;
-    `query_encoder` / `query_scale` override it)."""
+    `query_encoder` / `query_scale` override it).
+    reader (rag.reader; not with a checkpoint, which is a trained model itself): "default", the shipped
+    trained reader's deltas over the default generator and q(x); "none"; or a reader folder.
+    prompt: None is the reader's prompt, or "short-answer" without one (a checkpoint: its own)."""
     from rag.generators.loading import generator_dtype  # torch: only when a model is configured
+    from rag.reader import default_reader_applies, load_reader, with_reader
 
     if checkpoint:
         from rag.train_checkpoint import checkpoint_rag_config
 
         base = checkpoint_rag_config(checkpoint)
         generator_config = replace(base.generator, dtype=generator_dtype(dtype, device))
+        if prompt:
+            generator_config = replace(generator_config, prompt=prompt)  # type: ignore[arg-type]
     else:
         base = RagConfig()
-        generator_config = GeneratorConfig(dtype=generator_dtype(dtype, device), prompt=prompt)  # type: ignore[arg-type]
+        generator_config = GeneratorConfig(dtype=generator_dtype(dtype, device))  # type: ignore[arg-type]
     if generator:
         generator_config = replace(generator_config, path=generator)
     retriever_config = replace(base.retriever, kind=retriever or base.retriever.kind,
                                bm25_temperature=bm25_temperature or base.retriever.bm25_temperature)  # type: ignore[arg-type]
     index = index_dir or base.index_dir
     query = base.query_encoder
-    if query_encoder or query_scale is not None:
+    trained = None
+    if not checkpoint and (reader != "default" or default_reader_applies(generator_config.path)):
+        trained = load_reader(reader)
+    if query_encoder or query_scale is not None or (trained is not None and trained.query_delta is not None):
         from rag.knowledge import default_knowledge_base, query_encoder_config
 
         query = query_encoder_config(index or default_knowledge_base(), query_encoder or query, query_scale)
+    if not checkpoint:
+        generator_config, query = with_reader(trained, generator_config, query, prompt)
     return replace(base, kind=kind or base.kind, k=base.k if k is None else k, index_dir=index,
                    query_encoder=query, generator=generator_config, retriever=retriever_config)  # type: ignore[arg-type]  # fmt: skip
 

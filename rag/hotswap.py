@@ -42,10 +42,13 @@ CAPITAL_QUESTION = re.compile(r"What is the capital of (.+)\?")
 class ChangedFact:
     """One fact that differs between the two knowledge bases."""
 
-    subject: str  # the country (a summary title)
+    subject: str  # the country (capitals) or the city (city-country): a summary title
     question: str
-    fact_a: str  # the capital in the original summaries
-    fact_b: str  # the capital the modified copy gives it
+    fact_a: str  # the capital (country) in the original summaries
+    fact_b: str  # the capital (country) the modified copy gives it
+    # None: fact A is replaced in every passage (a capital is renamed consistently everywhere); else only
+    # in the passages of the summary with this title (a city moved to another country in its own article)
+    scope: str | None = None
 
 
 def _word(name: str) -> re.Pattern[str]:
@@ -87,6 +90,37 @@ def capital_facts(
     ]
     # a fact B already named in the country's original text would make "matches B" ambiguous
     return [f for f in facts if not _word(f.fact_b).search(texts[f.subject])]
+
+
+CITY_COUNTRY = re.compile(r"\bis (?:a|an|the) (?:[a-z-]+ ){0,3}(?:city|town|port|municipality|capital)(?: and [a-z ]+)? "
+                          r"(?:in|of) (?:the )?(?:[a-z-]+ ){0,2}([A-Z][a-z]+(?: [A-Z][a-z]+)*)")  # fmt: skip
+
+
+def city_country_facts(summaries: Mapping[str, Mapping[str, str]], countries: Sequence[str],
+                       limit: int = 40) -> list[ChangedFact]:  # fmt: skip
+    """The second relation: "In which country is X?" for cities whose summary says "X is a city in C".
+
+    C must be one of `countries` (Red-Trivia's world-capitals countries, all summary titles) and the
+    first country the summary names. Facts B permute the chosen countries cyclically, as capital_facts
+    does, but the rewrite is scoped to the city's own summary: the city moves to another country in its
+    article, while the countries' own articles stay as they are."""
+    known = set(countries)
+    chosen: list[tuple[str, str]] = []
+    for title, entry in summaries.items():
+        match = CITY_COUNTRY.search(entry["extract"])
+        if match is None or match.group(1) not in known or title in known or "(" in title or "," in title:
+            continue
+        chosen.append((title, match.group(1)))
+        if len(chosen) == limit:
+            break
+    if len(chosen) < 2:
+        raise ValueError(f"only {len(chosen)} city-country fact(s) qualify; need at least 2 to permute")
+    facts = []
+    for i, (city, country) in enumerate(chosen):
+        other = next(c for _, c in chosen[i + 1 :] + chosen[:i] if c != country) if len({c for _, c in chosen}) > 1 else None
+        if other is not None and not _word(other).search(summaries[city]["extract"]):
+            facts.append(ChangedFact(city, f"In which country is {city}?", country, other, scope=city))
+    return facts
 
 
 def rewrite_text(text: str, facts: Sequence[ChangedFact]) -> str:
@@ -155,7 +189,8 @@ def derive_knowledge_base(
     rows = np.arange(len(base.passages))
     passages, changed = [], []
     for row, p in zip(rows.tolist(), base.passages.get(rows), strict=True):
-        title, text = rewrite_text(p.title, facts), rewrite_text(p.text, facts)
+        here = [f for f in facts if f.scope is None or f.scope == p.title]  # scoped facts: their article only
+        title, text = rewrite_text(p.title, here), rewrite_text(p.text, here)
         if (title, text) != (p.title, p.text):
             changed.append(row)
             p = Passage(p.id + "~b", title, text)
@@ -239,19 +274,35 @@ def hotswap_markdown(result: HotSwapResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hotswap_experiment(
-    model: RagModel, base_dir: Path | str, work_dir: Path | str, n_questions: int = 40,
-    decoding: DecodingConfig | None = None,
-) -> HotSwapResult:
-    """The built-in experiment on the packaged data: facts from the Wikipedia summaries and Red-Trivia's
-    world capitals; index B derived from `base_dir` (cached in work_dir, rebuilt if the facts change)."""
+HOTSWAP_RELATIONS = ("capitals", "city-country")
+
+
+def hotswap_facts(relation: str, n_questions: int = 40) -> list[ChangedFact]:
+    """The built-in experiment's facts: Red-Trivia's world capitals ("capitals"), or the country of a
+    city as its summary states it ("city-country", the second relation: not specific to capitals)."""
     from rag.resources import red_trivia_dir, wiki_summaries_path
     from rag.tasks import read_task
 
     summaries = json.loads(wiki_summaries_path().read_text(encoding="utf-8"))
     questions = read_task("red-trivia", red_trivia_dir(), subsets=["worldcapitals"])
-    facts = capital_facts(summaries, questions, limit=n_questions)
-    swapped_dir = Path(work_dir) / "index-facts-b"
+    if relation == "capitals":
+        return capital_facts(summaries, questions, limit=n_questions)
+    if relation == "city-country":
+        countries = [m.group(1) for e in questions for m in [CAPITAL_QUESTION.fullmatch(e.input)] if m]
+        capitals = {a for e in questions for a in e.answers}  # capitals left out: another relation than theirs
+        cities = {t: e for t, e in summaries.items() if t not in capitals}
+        return city_country_facts(cities, countries, limit=n_questions)
+    raise ValueError(f"hot-swap relation: expected one of {', '.join(HOTSWAP_RELATIONS)}, got {relation!r}")
+
+
+def hotswap_experiment(
+    model: RagModel, base_dir: Path | str, work_dir: Path | str, n_questions: int = 40,
+    decoding: DecodingConfig | None = None, relation: str = "capitals",
+) -> HotSwapResult:
+    """The built-in experiment on the packaged data (hotswap_facts); index B derived from `base_dir`
+    (cached in work_dir, rebuilt if the facts change)."""
+    facts = hotswap_facts(relation, n_questions)
+    swapped_dir = Path(work_dir) / ("index-facts-b" if relation == "capitals" else f"index-facts-b-{relation}")
     meta = swapped_dir / "meta.json"
     wanted = [dataclasses.asdict(f) for f in facts]
     if not meta.is_file() or json.loads(meta.read_text(encoding="utf-8")).get("changed_facts") != wanted:

@@ -131,12 +131,13 @@ def doc_entropy(doc_logprior: torch.Tensor) -> float:
 def draw_substitutions(batch: Sequence[Example], pool: SubstitutePool | None, rate: float, seed: int, step: int,
                        micro: int) -> list[Substitution | None] | None:  # fmt: skip
     """Which examples of micro-batch `micro` of optimiser step `step` get counterfactual passages, and
-    their substitutes: a function of (seed, step, micro, position) alone, so a resumed run draws the same."""
+    their substitutes: a function of (seed, step, the example's position in the step) alone, so a resumed
+    run draws the same, however the step is split into micro-batches."""
     if pool is None or rate <= 0:
         return None
     out: list[Substitution | None] = []
     for j, example in enumerate(batch):
-        rng = random.Random(f"counterfactual-{seed}-{step}-{micro}-{j}")
+        rng = random.Random(f"counterfactual-{seed}-{step}-{micro * len(batch) + j}")
         out.append(pool.draw(example.input, example.answers, rng) if rng.random() < rate else None)
     return out
 

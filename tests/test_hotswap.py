@@ -16,6 +16,7 @@ from rag.config import CorpusConfig, DecodingConfig, EncoderConfig, IndexConfig
 from rag.hotswap import (
     ChangedFact,
     capital_facts,
+    city_country_facts,
     derive_knowledge_base,
     hotswap_markdown,
     rewrite_summaries,
@@ -40,6 +41,34 @@ def test_rewrite_permutes_names_in_one_pass_on_word_boundaries():
              ChangedFact("Angola", "q", "Luanda", "Nairobi")]
     text = "Kuwait City is in Kuwait; Doha faces Kuwait City. Luandan is not Luanda."
     assert rewrite_text(text, facts) == "Doha is in Kuwait; Kuwait City faces Doha. Luandan is not Nairobi."
+
+
+def test_city_country_facts_are_scoped_to_the_city_article():
+    summaries = {
+        "Adana": {"title": "Adana", "extract": "Adana is a major city in southern Turkey. It lies on the Seyhan."},
+        "Aleppo": {"title": "Aleppo", "extract": "Aleppo is a city in Syria, far from Peru."},  # names its B already
+        "Cusco": {"title": "Cusco", "extract": "Cusco is a city in southeastern Peru."},
+        "Turkey": {"title": "Turkey", "extract": "Turkey is a country. Adana is in Turkey."},
+        "Lyon": {"title": "Lyon", "extract": "Lyon is a city in France."},  # France is not a known country here
+        "Cairo, Georgia": {"title": "Cairo, Georgia", "extract": "Cairo, Georgia is a city in Peru."},  # comma
+    }
+    facts = city_country_facts(summaries, ["Turkey", "Syria", "Peru"])
+    assert [(f.subject, f.fact_a, f.fact_b, f.scope) for f in facts] == [("Adana", "Turkey", "Syria", "Adana"),
+                                                                         ("Cusco", "Peru", "Turkey", "Cusco")]
+    assert facts[0].question == "In which country is Adana?"
+
+
+def test_derived_base_rewrites_a_scoped_fact_only_in_its_article(tmp_path):
+    docs = [{"title": "Adana", "text": "Adana is a major city in southern Turkey."},
+            {"title": "Turkey", "text": "Turkey is a country; Adana is one of its cities."}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    encoder = EncoderConfig(path=str(_encoder_dir(tmp_path / "enc")))
+    build_knowledge_base(CorpusConfig(source=str(corpus)), encoder, IndexConfig(), tmp_path / "a", progress=False)
+    fact = ChangedFact("Adana", "In which country is Adana?", "Turkey", "Syria", scope="Adana")
+    derived = open_knowledge_base(derive_knowledge_base(tmp_path / "a", [fact], tmp_path / "b"))
+    texts = [p.text for p in derived.passages.get(np.arange(2))]
+    assert texts == ["Adana is a major city in southern Syria.", "Turkey is a country; Adana is one of its cities."]
 
 
 def test_capital_facts_pick_countries_whose_summary_names_the_capital():

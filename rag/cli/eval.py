@@ -18,12 +18,13 @@ from typing import Any
 
 from rag.cli.model_options import (
     add_index_arguments,
+    add_reader_arguments,
     add_retriever_arguments,
     knowledge_base,
     query_encoder,
     retriever_config,
 )
-from rag.config import PROMPT_STYLES, DecodingConfig, GeneratorConfig
+from rag.config import DEFAULT_GENERATOR, DecodingConfig, GeneratorConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["rag", "closed-book", "retrieval-only"], default="rag")
     p.add_argument("--checkpoint", help="a `rag train` checkpoint, or a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
+    add_reader_arguments(p)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="generator weights (auto: bfloat16 where the hardware computes it natively)")
     add_index_arguments(p)
@@ -107,8 +108,12 @@ def load_components(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         if args.mode != "closed-book" and not args.index:
             raise ValueError("--checkpoint needs --index: a knowledge base built with its DPR context encoder")
     elif args.mode != "retrieval-only":
-        config = GeneratorConfig(prompt=args.prompt, dtype=generator_dtype(args.dtype, args.device))  # type: ignore[arg-type]
-        generator = load_generator(replace(config, path=args.generator) if args.generator else config, args.device)
+        config = GeneratorConfig(dtype=generator_dtype(args.dtype, args.device))  # type: ignore[arg-type]
+        config = replace(config, path=args.generator) if args.generator else config
+        from rag.reader import with_reader
+
+        config, _ = with_reader(_reader(args, config.path), config, None, args.prompt)
+        generator = load_generator(config, args.device)
     if args.mode == "closed-book":
         return None, generator, kinds
     retriever = _retriever(args, loaded_q, trained.retriever if trained else None)
@@ -133,8 +138,22 @@ def _retriever(args: argparse.Namespace, trained_query_encoder: Any, trained_ret
     config = retriever_config(args, trained_retriever)
     encoder = trained_query_encoder
     if config.kind != "bm25" and (encoder is None or args.query_encoder or args.query_scale is not None):
-        encoder = load_encoder(query_encoder(args, index), args.device)
+        query = query_encoder(args, index)
+        if trained_query_encoder is None:  # the shipped reader's q(x) delta, where q(x) is its base
+            from rag.reader import with_reader
+
+            _, query = with_reader(_reader(args, args.generator or DEFAULT_GENERATOR), GeneratorConfig(), query, None)
+        encoder = load_encoder(query, args.device)
     return open_retriever(index, config, query_encoder=encoder, device=args.device)
+
+
+def _reader(args: argparse.Namespace, generator_path: str) -> Any:
+    """--reader: the default one applies to the default generator only (rag.reader)."""
+    from rag.reader import default_reader_applies, load_reader
+
+    if args.checkpoint or (args.reader == "default" and not default_reader_applies(generator_path)):
+        return None
+    return load_reader(args.reader)
 
 
 def run_name(mode: str, kind: str, decoding: str, k: int) -> str:

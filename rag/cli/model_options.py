@@ -97,7 +97,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="generator weights (auto: bfloat16 where the hardware computes it natively)",
     )
-    p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
+    add_reader_arguments(p)
+
+
+def add_reader_arguments(p: argparse.ArgumentParser) -> None:
+    """--reader and --prompt, as ask, serve and eval take them."""
+    p.add_argument("--reader", default="default",
+                   help="default: the shipped trained reader (LoRA deltas over the default generator and q(x), "
+                        "rag/weights/reader); none: the untrained models; or a reader folder (make reader)")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default=None,
+                   help="causal generators: plain (passage + question: the trained reader's, its default), "
+                        "short-answer (three demonstrations: the default with --reader none), chat")
 
 
 def decoding_config(args: argparse.Namespace) -> DecodingConfig:
@@ -119,7 +129,7 @@ def model_config(args: argparse.Namespace) -> RagConfig:
     check_index_arguments(args)
     return rag_model_config(args.kind, args.k, args.index, args.generator, args.dtype, args.prompt,
                             args.checkpoint, args.device, args.retriever, args.bm25_temperature,
-                            args.query_encoder, args.query_scale)  # fmt: skip
+                            args.query_encoder, args.query_scale, args.reader)  # fmt: skip
 
 
 def load_asker(args: argparse.Namespace) -> Asker:

@@ -23,7 +23,7 @@ from rag.cli.model_options import (
     query_encoder,
     retriever_config,
 )
-from rag.config import PROMPT_STYLES, GeneratorConfig, RagConfig
+from rag.config import PROMPT_STYLES, GeneratorConfig, LoraSpec, RagConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze-query-encoder", action="store_true", help="the frozen-retriever ablation")
     p.add_argument("--freeze-generator", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train the generator as a LoRA delta of this rank on every linear layer (0: every weight)")
+    p.add_argument("--query-lora-rank", type=int, default=0, help="the same for q(x) (0: every weight)")
+    p.add_argument("--counterfactual-rate", type=float, default=0.0,
+                   help="share of examples whose retrieved passages state another answer of the same type, "
+                        "the new target (knowledge conflicts; rag.counterfactual)")
     p.add_argument("--train-passage-encoder", action="store_true",
                    help="optional: train d(z) too (the index is rebuilt every --reindex-every steps and at the end)")
     p.add_argument("--passage-lr", type=float, default=None, help="d(z)'s learning rate (default: --lr)")
@@ -84,6 +90,12 @@ def rag_config(args: argparse.Namespace) -> RagConfig:
                      index_dir=index_dir, retriever=retriever_config(args))  # fmt: skip
 
 
+def _lora(rank: int, flag: str) -> LoraSpec | None:
+    if rank < 0:
+        raise ValueError(f"{flag} must be >= 0, got {rank}")
+    return LoraSpec(rank=rank, alpha=2.0 * rank) if rank else None
+
+
 def run(args: argparse.Namespace) -> int:
     from rag.model import RagModel
     from rag.tasks import read_task
@@ -94,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("rag train needs --train FILE and --out FOLDER (or: rag train plot LOG --out PNG)")
     inputs = [f for f in (args.train_file, args.dev_file) if f]
     check_run_folder(args.out, args.resume, args.overwrite, [*inputs, *([args.index] if args.index else [])])
+    if not 0.0 <= args.counterfactual_rate <= 1.0:
+        raise ValueError(f"--counterfactual-rate must be in [0, 1], got {args.counterfactual_rate}")
     options = {"subsets": args.subset} if args.subset else {}
     train_data = read_examples(args.train_file, args.task, **options)
     dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
@@ -105,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         freeze_query_encoder=args.freeze_query_encoder, freeze_generator=args.freeze_generator,
         train_passage_encoder=args.train_passage_encoder, passage_lr=args.passage_lr,
         reindex_every=args.reindex_every, eval_every=args.eval_every, save_every=args.save_every,
+        generator_lora=_lora(args.lora_rank, "--lora-rank"), query_lora=_lora(args.query_lora_rank, "--query-lora-rank"),
+        counterfactual_rate=args.counterfactual_rate,
     )  # fmt: skip
     model = RagModel.from_config(config.rag, args.device)
     result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
