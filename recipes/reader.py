@@ -115,9 +115,34 @@ def train(name: str, threads: int, stop_after: int | None) -> None:
                       "threads": threads}), flush=True)  # fmt: skip
 
 
+def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[str, Any] | None = None) -> Path:
+    """A run's checkpoint (or snapshot) -> a reader folder (rag.reader): its LoRA deltas, stored in
+    `dtype` (bfloat16 halves the shipped size), and a manifest with every file's sha256."""
+    import torch
+
+    from rag.config import DEFAULT_ENCODER, DEFAULT_GENERATOR
+    from rag.io import atomic_dir
+    from rag.lora import read_delta, save_delta, sha256_file
+    from rag.reader import FORMAT, MANIFEST
+
+    parts = {"generator": checkpoint / "generator_delta", "query_encoder": checkpoint / "query_encoder_delta"}
+    with atomic_dir(folder) as tmp:
+        meta: dict[str, Any] = {"format": FORMAT, "prompt": "plain", "generator_base": DEFAULT_GENERATOR,
+                                "query_base": DEFAULT_ENCODER, "source": str(checkpoint), **(info or {})}  # fmt: skip
+        for name, source in parts.items():
+            if not source.is_dir():
+                continue  # q(x) frozen: no delta for it
+            delta = read_delta(source)
+            save_delta(tmp / name, delta.tensors, delta.spec, delta.base, dtype=getattr(torch, dtype))
+            meta[name] = name
+        meta["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["data", "train"])
+    parser.add_argument("stage", choices=["data", "train", "export"])
     parser.add_argument("--run", default="main", choices=sorted(RUNS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None)
@@ -128,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build(OUT / "data", k=RUNS["main"].k), indent=2))
     elif args.stage == "train":
         train(args.run, args.threads, args.stop_after)
+    elif args.stage == "export":
+        from rag.reader import READER_DIR
+
+        run_dir = OUT / "runs" / args.run
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+        info = {"recipe": "make reader (recipes/reader.py)", "run": args.run, "steps": log[-1]["step"],
+                "examples_seen": log[-1]["step"] * RUNS[args.run].batch_size * RUNS[args.run].grad_accum,
+                "train_cpu_hours": round(sum(r["seconds"] for r in log) / 3600, 2),
+                "settings": dataclasses.asdict(RUNS[args.run])}  # fmt: skip
+        print(export(run_dir / "checkpoint", READER_DIR, "bfloat16", info))
     return 0
 
 

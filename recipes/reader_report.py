@@ -1,0 +1,201 @@
+"""results/reader.md from bench/out/reader/eval/results.json (recipes/reader_eval.py writes both)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = ("nq", "squad", "wiki")
+NAMES = {"nq": "NQ gold + distractors", "squad": "SQuAD-open", "wiki": "Wiki + Red-Trivia"}
+# results/evaluation.md (issue 9's "now" column): the untrained models, short-answer prompt, 100 questions
+BEFORE = {"nq": 0.18, "squad": 0.09, "wiki": 0.30}
+TARGETS = {"nq": 0.55, "squad": 0.40, "wiki": 0.55}
+
+
+def _at(recall: dict[Any, float], k: int) -> float | None:
+    """recall@k from a dict keyed by k (int in memory, str once read back from JSON)."""
+    return recall.get(k, recall.get(str(k)))
+
+
+def pct(x: float | None, n: int | None = None) -> str:
+    if x is None:
+        return "–"
+    if n:
+        return f"{100 * x:.1f} ± {100 * math.sqrt(max(x * (1 - x), 1e-12) / n):.1f}"
+    return f"{100 * x:.1f}"
+
+
+def em(report: dict[str, Any], model: str, name: str, run: str) -> tuple[float | None, int | None]:
+    cell = report.get(model, {}).get(name, {}).get(run)
+    return (cell["exact_match"], cell["n"]) if cell else (None, None)
+
+
+def write(report: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# The trained reader (issue 9)",
+        "",
+        "The default model now reads what it retrieves: SmolLM2-135M-Instruct and all-MiniLM-L6-v2's q(x),",
+        "fine-tuned end to end with the RAG-Token loss as LoRA deltas (rag/weights/reader, loaded by default;",
+        "`--reader none` gives the untrained models). Made by `make reader` (recipes/reader.py: data, train,",
+        "export) and `python recipes/reader_eval.py` (this file). Figures are exact match in % ± one standard",
+        "error, greedy decoding, on 2-core CPUs (the training job and other work ran on the same machine).",
+        "",
+    ]
+    lines += _training(report)
+    lines += _targets(report)
+    lines += _cells(report)
+    lines += _ablations(report)
+    lines += _conflicts(report)
+    lines += _hotswap(report)
+    lines += _latency(report)
+    lines += _final(report)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _training(report: dict[str, Any]) -> list[str]:
+    manifest = ROOT / "rag" / "weights" / "reader" / "reader.json"
+    summary_file = ROOT / "bench" / "out" / "reader" / "data" / "summary.json"
+    out = ["## Training", ""]
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        out += ["Development questions only (recipes/reader_data.py): each retrieved from the training knowledge",
+                f"base ({summary['kb'].rsplit('/', 1)[-1]}: NQ gold passages + Wikipedia summaries + SQuAD paragraphs),",
+                "kept when an answer alias occurs in its top-3 passages, the target being that alias as the passage",
+                "writes it. Left out: every question results/ reports, every reserved fifth, every test set, every",
+                "capital-city question.", "",
+                "| source | read | reported (left out) | answer not in top 3 | kept |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, s in summary["sources"].items():
+            out.append(f"| {name} | {s.get('read', 0)} | {s.get('reported', 0)} | {s.get('answer not in top k', 0)} | {s.get('kept', 0)} |")
+        out.append("")
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        settings = meta.get("settings", {})
+        out += [f"Shipped run: `{meta.get('run')}`, {meta.get('steps')} steps of 8 questions ({meta.get('examples_seen')} "
+                f"examples), {meta.get('train_cpu_hours')} hours of one CPU core (training steps alone).",
+                f"Settings: {json.dumps(settings)}.", "",
+                "Curves: results/reader-curves.png (`rag train plot bench/out/reader/runs/main/log.jsonl`).", ""]  # fmt: skip
+    return out
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    out = ["## Targets (development questions, 250 per set)", "",
+           "| measure | before (results/evaluation.md) | untrained, same questions | reader | target |",
+           "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name in SETS:
+        u, nu = em(report, "untrained", name, "rag-token-k5")
+        r, nr = em(report, "reader", name, "rag-token-k5")
+        out.append(f"| {NAMES[name]}, EM | {pct(BEFORE[name])} | {pct(u, nu)} | {pct(r, nr)} | ≥ {pct(TARGETS[name])} |")
+    swap = report.get("hotswap", {}).get("reader", {}).get("capitals")
+    if swap:
+        out.append(f"| hot-swap (capitals, {swap['n']}): answers follow B under B | 5.0 | – | {pct(swap['table']['B']['B'])} | ≥ 80 |")
+        out.append(f"| hot-swap (capitals): answers state A under A | 65.0 | – | {pct(swap['table']['A']['A'])} | ≥ 85 |")
+    lat = report.get("latency", {})
+    if lat:
+        angola = lat.get("reader", {}).get("answers", {}).get("What is the capital of Angola?", "–")
+        before = lat.get("untrained", {}).get("answers", {}).get("What is the capital of Angola?", "–")
+        out.append(f"| `rag ask` defaults (greedy), Angola | Cabinda | {before} | {angola} | Luanda |")
+        out.append(f"| `rag ask` mean s/question (defaults) | 1.56 | {lat.get('untrained', {}).get('mean_s', 0):.2f} | "
+                   f"{lat.get('reader', {}).get('mean_s', 0):.2f} | ≤ 0.6 |")  # fmt: skip
+    return out + [""]
+
+
+def _cells(report: dict[str, Any]) -> list[str]:
+    out = ["## The reader per knowledge base", "",
+           "| set | untrained RAG-Token k=5 | closed book (reader's generator) | RAG-Token k=1 | k=5 | k=10 | "
+           "RAG-Sequence thorough k=5 | recall@1 / @5 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name in SETS:
+        cell = report.get("reader", {}).get(name, {})
+        if not cell:
+            continue
+        row = [pct(*em(report, "untrained", name, "rag-token-k5")), pct(*em(report, "reader", name, "closed-book"))]
+        row += [pct(*em(report, "reader", name, f"rag-token-k{k}")) for k in (1, 5, 10)]
+        row.append(pct(*em(report, "reader", name, "rag-sequence-thorough-k5")))
+        recall = cell.get("rag-token-k5", {}).get("recall", {})
+        row.append(f"{pct(_at(recall, 1))} / {pct(_at(recall, 5))}")
+        out.append(f"| {NAMES[name]} | " + " | ".join(row) + " |")
+    return out + [""]
+
+
+def _ablations(report: dict[str, Any]) -> list[str]:
+    abl = report.get("ablations")
+    if not abl:
+        return []
+    names = {"main": "reader recipe (RAG-Token, q(x) trained, 30% counterfactual)",
+             "no-counterfactual": "no counterfactual passages", "frozen-q": "q(x) frozen (the paper's frozen retriever)",
+             "sequence": "RAG-Sequence loss and decoding"}  # fmt: skip
+    out = ["## Ablations at equal steps (100 steps, 800 examples, same data order)", "",
+           "| run | " + " | ".join(NAMES[s] for s in SETS) + " |", "|---|" + "---:|" * len(SETS)]
+    for run, cells in abl.items():
+        values = []
+        for name in SETS:
+            cell = next(iter(cells.get(name, {}).values()), None)
+            values.append(pct(cell["exact_match"], cell["n"]) if cell else "–")
+        out.append(f"| {names.get(run, run)} | " + " | ".join(values) + " |")
+    closed = [em(report, "reader", s, "closed-book") for s in SETS]
+    out.append("| closed book (the shipped reader's generator, no passages) | " + " | ".join(pct(*c) for c in closed) + " |")
+    return out + [""]
+
+
+def _conflicts(report: dict[str, Any]) -> list[str]:
+    conf = report.get("conflicts")
+    if not conf:
+        return []
+    out = ["## Knowledge conflicts on development questions", "",
+           "NQ development questions whose top-5 passages name the answer; every alias is replaced by another",
+           "question's answer of the same type (rag.counterfactual). This measure chose the training mix.", "",
+           "| model | n | answers state the substitute (follow the passages) | answers state the original (memory) |",
+           "|---|---:|---:|---:|"]  # fmt: skip
+    for name, c in conf.items():
+        out.append(f"| {name} | {c['n']} | {pct(c['follows'], c['n'])} | {pct(c['memory'], c['n'])} |")
+    return out + [""]
+
+
+def _hotswap(report: dict[str, Any]) -> list[str]:
+    swaps = report.get("hotswap")
+    if not swaps:
+        return []
+    out = ["## Knowledge hot-swap", "",
+           "Index A: the packaged summaries; index B: a copy where facts are changed (capitals permuted",
+           "everywhere; cities moved to another country in their own article). Same model, no retraining.", "",
+           "| model | relation | n | A under A | B under A | A under B | B under B | no index: A |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for model, relations in swaps.items():
+        for relation, r in relations.items():
+            t = r["table"]
+            out.append(f"| {model} | {relation} | {r['n']} | {pct(t['A']['A'])} | {pct(t['A']['B'])} | "
+                       f"{pct(t['B']['A'])} | {pct(t['B']['B'])} | {pct(t['none']['A'])} |")  # fmt: skip
+    reader = swaps.get("reader", {})
+    for relation, r in reader.items():
+        out += ["", f"Examples ({relation}, the shipped reader):", "",
+                "| question | A | B | answer under A | answer under B | no index |", "|---|---|---|---|---|---|"]
+        out += [f"| {e['question']} | {e['fact_a']} | {e['fact_b']} | {e['answer_A']} | {e['answer_B']} | {e['answer_none']} |"
+                for e in r.get("examples", [])]
+    return out + [""]
+
+
+def _latency(report: dict[str, Any]) -> list[str]:
+    lat = report.get("latency")
+    if not lat:
+        return []
+    out = ["## `rag ask` with every default", "",
+           "Mean seconds per question over 10 questions after one warm-up (greedy RAG-Token, k = 5, bf16 on",
+           "this AMX CPU), with the load average at the time:", "",
+           "| model | mean s/question | load | Angola |", "|---|---:|---:|---|"]  # fmt: skip
+    for name, r in lat.items():
+        out.append(f"| {name} | {r['mean_s']:.2f} | {r['load']:.1f} | {r['answers'].get('What is the capital of Angola?')} |")
+    return out + [""]
+
+
+def _final(report: dict[str, Any]) -> list[str]:
+    final = report.get("final")
+    if not final:
+        return []
+    out = ["## Final figures: the reserved fifths (reported once)", "",
+           "| set | n | RAG-Token k=5 EM | recall@5 |", "|---|---:|---:|---:|"]
+    for name, cells in final.items():
+        c = cells["rag-token-k5"]
+        out.append(f"| {NAMES[name]} (reserved fifth) | {c['n']} | {pct(c['exact_match'], c['n'])} | {pct(_at(c['recall'], 5))} |")
+    return out + [""]
