@@ -29,6 +29,7 @@ from rag.config import BM25Config, from_dict, to_dict
 from rag.corpus import passage_text
 from rag.io import atomic_dir, atomic_write_text, read_format_json
 from rag.knowledge import META_FILE, PASSAGES_FILE, build_lock
+from rag.manifest import update_manifest
 from rag.mips import topk_rows
 from rag.store import PassageStore
 
@@ -204,6 +205,7 @@ def build_bm25_index(kb_dir: Path | str, config: BM25Config | None = None,
         seconds = time.perf_counter() - start
         index.save(kb_dir / BM25_DIR, {"knowledge_base_fingerprint": _kb_fingerprint(kb_dir),
                                        "build_seconds": round(seconds, 3)})  # fmt: skip
+        update_manifest(kb_dir, [BM25_DIR])  # the knowledge base's manifest covers its BM25 index too
     return BM25Info(kb_dir / BM25_DIR, len(index), index.terms, seconds)
 
 

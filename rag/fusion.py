@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from rag.config import FusionConfig, from_dict, to_dict
-from rag.io import atomic_write_text, read_format_json
+from rag.io import atomic_write_text, output_lock, read_format_json
+from rag.manifest import update_manifest
 
 FORMAT = "rag-hybrid-fusion"
 FUSION_FILE = "hybrid.json"
@@ -140,7 +141,9 @@ def save_fusion(kb_dir: Path | str, config: FusionConfig, provenance: dict[str, 
     """Store the chosen fusion in the knowledge base (KB/hybrid.json), with what it was chosen on."""
     path = Path(kb_dir) / FUSION_FILE
     payload = {"format": FORMAT, "config": to_dict(config), "chosen_on": provenance}
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    with output_lock(kb_dir, what="knowledge base"):  # the knowledge base's writers take turns
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+        update_manifest(kb_dir, [FUSION_FILE])  # the knowledge base's manifest covers it too
     return path
 
 

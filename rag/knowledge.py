@@ -49,6 +49,7 @@ from rag.io import (
     remove_stale_temps,
     remove_stale_temps_in,
 )
+from rag.manifest import read_manifest, verify_folder, write_manifest
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
 from rag.store import PassageStore, write_passage_store
 from rag.vectors import EmbeddingsError, EmbeddingsFile, align_embeddings, open_embeddings
@@ -61,6 +62,9 @@ VERSION = 1
 META_FILE = "meta.json"
 PASSAGES_FILE = "passages.arrow"
 INDEX_DIR = "index"
+# Parts added to a finished knowledge base later, rebuilt or defaulted when absent (rag.bm25, rag.fusion):
+# the manifest covers them once added, but their absence as a whole is no integrity error.
+OPTIONAL_PARTS = ("bm25", "hybrid.json")
 # Seconds to sleep after each shard: lets tests interrupt a build part-way deterministically.
 PAUSE_ENV = "RAG_BUILD_SHARD_PAUSE_S"
 
@@ -257,6 +261,7 @@ def _build(
             meta["given_embeddings"] = to_dict(given)
         del built  # release the memory map before the folder is renamed
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        write_manifest(tmp)  # last: every file's size and hash, checked when the folder is opened
     for stale in out_dir.parent.glob(f".{out_dir.name}.build-*"):  # ours, and older configs' leftovers
         shutil.rmtree(stale, ignore_errors=True)
     return KnowledgeBaseInfo(
@@ -350,16 +355,31 @@ def _shard_ok(path: Path, rows: int, dim: int) -> bool:
 
 
 def open_knowledge_base(path: Path | str) -> KnowledgeBase:
-    """Open a finished knowledge base folder; refuses one without meta.json (an unfinished build)."""
+    """Open a finished knowledge base folder: refuses one without meta.json (an unfinished build), one
+    whose files differ from its manifest (rag.manifest: sizes always, hashes on first open), and one
+    whose parts disagree (rows, dim); every error names the file."""
     path = Path(path)
-    meta = read_format_json(path, META_FILE, FORMAT, "knowledge base (rag index build)")
+    meta = read_knowledge_meta(path)
+    verify_folder(path, optional=OPTIONAL_PARTS)
+    _check_meta(path, meta)
     index = DenseIndex.load(path / INDEX_DIR)
     passages = PassageStore.open(path / PASSAGES_FILE)
     if not len(index) == len(passages) == meta["passages"]:
         raise ValueError(
             f"{path}: {len(index)} index rows, {len(passages)} stored passages, meta.json says {meta['passages']}"
         )
+    if index.dim != meta["dim"]:
+        raise ValueError(f"{path / META_FILE}: field 'dim': {meta['dim']}, but the index holds vectors of dim {index.dim}")
     return KnowledgeBase(index, passages, meta)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The fields every reader of a knowledge base relies on, present and of the right type."""
+    for key, kind in (("passages", int), ("dim", int), ("encoder", dict), ("index", dict)):
+        if key not in meta:
+            raise ValueError(f"{path / META_FILE}: field {key!r}: missing")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ValueError(f"{path / META_FILE}: field {key!r}: expected {kind.__name__}, got {type(meta[key]).__name__}")
 
 
 def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta: Mapping[str, Any],
@@ -374,6 +394,7 @@ def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta:
         write_passage_store(passages, tmp / PASSAGES_FILE)
         meta = dict(meta, passages=len(passages), dim=int(vectors.shape[1]))
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        write_manifest(tmp)  # last: every file's size and hash, checked when the folder is opened
     return out_dir
 
 
@@ -460,6 +481,9 @@ def default_knowledge_base(progress: bool = True) -> Path:
     corpus, index = CorpusConfig(), IndexConfig()
     with build_lock(out):  # several processes may ask at once: one builds, the others wait
         if is_knowledge_base(out) and same_build(read_knowledge_meta(out), corpus, encoder, index):
+            if read_manifest(out) is None:  # the cache's own, built before manifests: record it once
+                open_knowledge_base(out)  # consistent as it is (rows, dim)
+                write_manifest(out)
             return out
         _build(corpus, encoder, index, out, progress, "cpu")
     return out

@@ -88,6 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hybrid.add_argument("-k", type=int, default=5, help="the fusion with the best recall@k is chosen")
     hybrid.set_defaults(func=run_hybrid)
 
+    verify = sub.add_parser("verify", help="check every file of a knowledge base against its manifest "
+                                           "(sizes and SHA-256) and its parts against each other")
+    add_index_arguments(verify, query_encoder=False)
+    verify.add_argument("--write-manifest", action="store_true",
+                        help="a knowledge base built before manifests: record its files as they are now")
+    verify.set_defaults(func=run_verify)
+
     info = sub.add_parser("info", help="describe a knowledge base folder")
     add_index_arguments(info, query_encoder=False)
     info.add_argument("--json", action="store_true")
@@ -195,20 +202,19 @@ def describe(path: Path) -> dict[str, Any]:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {
         "path": str(path),
-        "passages": kb.meta["passages"],
-        "documents": kb.meta["documents"],
-        "skipped_records": kb.meta["skipped_records"],
+        "passages": len(kb.passages),
+        "documents": kb.meta.get("documents"),
+        "skipped_records": kb.meta.get("skipped_records"),
         "dim": kb.index.dim,  # the index's own, not what meta.json says (open_knowledge_base checks they agree)
-        "corpus": kb.meta["corpus"]["source"],
-        "words_per_passage": kb.meta["corpus"]["words_per_passage"],
+        "corpus": (kb.meta.get("corpus") or {}).get("source"),
+        "words_per_passage": (kb.meta.get("corpus") or {}).get("words_per_passage"),
         "encoder": kb.meta["encoder"]["path"],
         "query_encoder": _query_encoder_fact(kb.meta),
-        "index": kb.meta["index"]["kind"]
-        + (f" ({kb.meta['index']['factory']})" if kb.meta["index"]["factory"] else ""),
+        "index": kb.index.config.kind + (f" ({kb.index.config.factory})" if kb.index.config.factory else ""),
         "index_bytes": kb.index.nbytes,
         "bytes_on_disk": size,
-        "build_seconds": kb.meta["build_seconds"],
-        "fingerprint": kb.meta["fingerprint"],
+        "build_seconds": kb.meta.get("build_seconds"),
+        "fingerprint": kb.meta.get("fingerprint"),
         **_bm25_facts(path),
     }
 
@@ -239,6 +245,29 @@ def _bm25_facts(path: Path) -> dict[str, Any]:
         else " (defaults: rag index hybrid chooses on development questions)")  # fmt: skip
     return {"bm25": f"{meta['terms']} terms, {size} bytes, built in {meta.get('build_seconds', '?')} s",
             "hybrid": hybrid}  # fmt: skip
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from rag.knowledge import META_FILE, OPTIONAL_PARTS, build_lock, open_knowledge_base
+    from rag.manifest import read_manifest, verify_folder, write_manifest
+
+    path = Path(knowledge_base(args))
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a knowledge base folder (no {META_FILE})")
+    if read_manifest(path) is None:
+        if not args.write_manifest:
+            raise ValueError(f"{path}: no manifest.json (built before manifests): its files cannot be checked; "
+                             "--write-manifest records them as they are now")  # fmt: skip
+        with build_lock(path):
+            kb = open_knowledge_base(path)  # its parts agree (rows, dim) before they are recorded
+            manifest = write_manifest(path)
+        print(f"{path}: manifest written: {len(manifest['files'])} files ({len(kb.passages)} passages)")
+        return 0
+    checked = verify_folder(path, full=True, optional=OPTIONAL_PARTS)
+    kb = open_knowledge_base(path)
+    print(f"{path}: ok: {checked.files} files, {checked.bytes:,} bytes, every size and SHA-256 as recorded; "
+          f"{len(kb.passages)} passages, {len(kb.index)} index rows of dim {kb.index.dim}")  # fmt: skip
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
