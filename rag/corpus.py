@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from rag.config import CorpusConfig
 
 log = logging.getLogger(__name__)
@@ -249,11 +251,81 @@ def _parse_jsonl_record(obj: Any, path: Path, line: int, config: CorpusConfig) -
     return _Document(None if doc_id is None else str(doc_id), obj["title"], obj["text"])
 
 
+class SeenIds:
+    """The ids read so far, for duplicate checks over tens of millions of passages: each id's 128-bit
+    BLAKE2b digest in an open-addressing table of two uint64 arrays (16 bytes a slot, at most 70% full),
+    where a Python set of the strings would take gigabytes (DPR's Wikipedia: 21M ids)."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self._hi = np.zeros(capacity, np.uint64)  # 0 marks an empty slot; stored digests are never 0 there
+        self._lo = np.zeros(capacity, np.uint64)
+        self._used = 0
+
+    def __len__(self) -> int:
+        return self._used
+
+    def add(self, key: str) -> bool:
+        """Record `key`; False if it was recorded before."""
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        hi, lo = int.from_bytes(digest[:8], "little") | 1, int.from_bytes(digest[8:], "little")
+        if not self._insert(hi, lo):
+            return False
+        self._used += 1
+        if self._used * 10 > len(self._hi) * 7:
+            self._grow()
+        return True
+
+    def _insert(self, hi: int, lo: int) -> bool:
+        mask = len(self._hi) - 1
+        slot = lo & mask
+        while True:
+            here = int(self._hi[slot])
+            if here == 0:
+                self._hi[slot], self._lo[slot] = hi, lo
+                return True
+            if here == hi and int(self._lo[slot]) == lo:
+                return False
+            slot = (slot + 1) & mask
+
+    def _grow(self) -> None:
+        filled = self._hi != 0
+        his, los = self._hi[filled].tolist(), self._lo[filled].tolist()
+        self._hi = np.zeros(2 * len(self._hi), np.uint64)
+        self._lo = np.zeros(len(self._hi), np.uint64)
+        for hi, lo in zip(his, los, strict=True):
+            self._insert(hi, lo)
+
+
+def _record_lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line without its end) of a binary file; None for a line over `limit` bytes,
+    which is read in bounded pieces and dropped instead of held in memory."""
+    number = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(limit + 1)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+            continue
+        yield number, raw.rstrip(b"\r\n")
+
+
+def _line_limit(config: CorpusConfig) -> int:
+    # a record holds its text (at most max_document_bytes) and a title, an id, JSON escapes
+    return 2 * config.max_document_bytes + (1 << 20)
+
+
 def _read_jsonl(path: Path, config: CorpusConfig, report: ReadReport) -> Iterator[_Document]:
-    ids: set[str] = set()
+    ids = SeenIds()
     with _open_binary(path) as f:
-        for line, raw in enumerate(f, 1):
-            text, valid_utf8 = _decode_line(raw.rstrip(b"\r\n"))
+        for line, raw in _record_lines(f, _line_limit(config)):
+            if raw is None:
+                _reject(CorpusError(path, line, "(line)", f"record is over {_line_limit(config):,} bytes"), config, report)
+                continue
+            text, valid_utf8 = _decode_line(raw)
             if not text.strip():
                 continue
             try:
@@ -267,10 +339,11 @@ def _read_jsonl(path: Path, config: CorpusConfig, report: ReadReport) -> Iterato
                 if not valid_utf8:  # bad bytes in a field we do not use still make the record bad
                     bad = [k for k, v in obj.items() if _has_surrogates(k) or _has_surrogates(v)]
                     raise CorpusError(path, line, bad[0] if bad else "(line)", "bytes are not valid UTF-8")
-                if doc.doc_id is not None:
-                    if doc.doc_id in ids:
-                        raise CorpusError(path, line, "id", f"duplicate id {doc.doc_id!r}")
-                    ids.add(doc.doc_id)
+                if doc.doc_id is not None and not ids.add(doc.doc_id):
+                    raise CorpusError(path, line, "id", f"duplicate id {doc.doc_id!r}")
+            except RecursionError:
+                _reject(CorpusError(path, line, "(json)", "nested too deeply to be a record"), config, report)
+                continue
             except CorpusError as error:
                 _reject(error, config, report)
                 continue
@@ -310,9 +383,13 @@ def _parse_tsv_row(text: str, path: Path, line: int, config: CorpusConfig, check
 
 
 def _read_dpr_tsv(path: Path, config: CorpusConfig, report: ReadReport) -> Iterator[Passage]:
+    ids = SeenIds()  # rows are passages: their ids must be unique, as JSON Lines documents' are
     with _open_binary(path) as f:
-        for line, raw in enumerate(f, 1):
-            text, valid_utf8 = _decode_line(raw.rstrip(b"\r\n"))
+        for line, raw in _record_lines(f, _line_limit(config)):
+            if raw is None:
+                _reject(CorpusError(path, line, "(row)", f"row is over {_line_limit(config):,} bytes"), config, report)
+                continue
+            text, valid_utf8 = _decode_line(raw)
             if line == 1 and text.split("\t", 1)[0].strip().lower() == "id":
                 continue  # the header line
             if not text or text.isspace():
@@ -320,6 +397,8 @@ def _read_dpr_tsv(path: Path, config: CorpusConfig, report: ReadReport) -> Itera
             checked = valid_utf8 and len(raw) <= config.max_document_bytes
             try:
                 passage = _parse_tsv_row(text, path, line, config, checked)
+                if not ids.add(passage.id):
+                    raise CorpusError(path, line, "id", f"duplicate id {passage.id!r}")
             except CorpusError as error:
                 _reject(error, config, report)
                 continue

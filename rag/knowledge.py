@@ -503,13 +503,13 @@ def same_build(
     except (KeyError, TypeError, ValueError):
         return False
 
-    def build_fields(e: EncoderConfig) -> EncoderConfig:
-        return dataclasses.replace(e, scale=1.0, batch_size=0)
+    def build_fields(config: Any, ignored: tuple[str, ...]) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(config).items() if k not in ignored}
 
+    search_time = ("hnsw_ef_search", "nprobe", "rerank_factor", "shard_size")
     return (
         built[0] == corpus
-        and build_fields(built[1]) == build_fields(encoder)
-        and dataclasses.replace(built[2], hnsw_ef_search=0, nprobe=0, rerank_factor=0, shard_size=0)
-        == dataclasses.replace(index, hnsw_ef_search=0, nprobe=0, rerank_factor=0, shard_size=0)
+        and build_fields(built[1], ("scale", "batch_size")) == build_fields(encoder, ("scale", "batch_size"))
+        and build_fields(built[2], search_time) == build_fields(index, search_time)
         and meta.get("sources", sources_signature(corpus, encoder)) == sources_signature(corpus, encoder)
     )

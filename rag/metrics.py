@@ -36,8 +36,9 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """An empty gold answer matches nothing (not even an empty prediction): it names no answer."""
     target = normalize_answer(prediction)
-    return float(any(target == normalize_answer(a) for a in answers))
+    return float(any(target == normalize_answer(a) for a in answers if a.strip()))
 
 
 def _f1(prediction_tokens: list[str], answer_tokens: list[str]) -> float:
@@ -80,10 +81,12 @@ def has_answer(answers: Sequence[str], text: str, *, regex_answers: bool = False
     """DPR's has_answer: does `text` contain any answer (as a token run, or a regex search hit)?"""
     text = unicodedata.normalize("NFD", text)
     if regex_answers:
-        return any(_regex_found(text, unicodedata.normalize("NFD", a)) for a in answers)
+        return any(_regex_found(text, unicodedata.normalize("NFD", a)) for a in answers if a.strip())
     words = dpr_tokens(text)
     for answer in answers:
         needle = dpr_tokens(unicodedata.normalize("NFD", answer))
+        if not needle:  # an empty (or punctuation-free blank) answer names nothing: it is in no text
+            continue
         for i in range(len(words) - len(needle) + 1):
             if words[i : i + len(needle)] == needle:
                 return True

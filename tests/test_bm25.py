@@ -197,7 +197,7 @@ def test_bad_questions_to_the_retrievers(kb):
     hybrid = HybridRetriever.open(kb, fusion=FusionConfig("rrf", 0.5, depth=3))
     dense = open_retriever(kb, RetrieverConfig(kind="dense"))
     np.testing.assert_array_equal(hybrid.retrieve(["of the"], 3).rows, dense.retrieve(["of the"], 3).rows)
-    with pytest.raises(ValueError, match="weight in"):
+    with pytest.raises(ValueError, match="FusionConfig.weight must be >= 0 and <= 1"):
         HybridRetriever(dense, hybrid.bm25, FusionConfig(weight=1.5))
 
 

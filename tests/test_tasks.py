@@ -308,8 +308,10 @@ def test_reserved_split_is_every_fifth_position():
 def test_undecodable_and_missing_files(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"question": "caf\u00e9", "answer": ["x"]}\n'.encode("utf-8") + b"\xe9\xff\n")
-    with pytest.raises(TaskFormatError, match="latin1.jsonl.*cannot be read as text"):
-        read_task("nq-open", path)
+    with pytest.raises(TaskFormatError, match=r"latin1.jsonl, line 2, field 'text': bytes that are not UTF-8"):
+        read_task("nq-open", path)  # the line is named (it was the whole file: "cannot be read as text")
+    report = SkipReport()
+    assert len(read_task("nq-open", path, skip_bad=True, report=report)) == 1 and report.skipped == 1
     with pytest.raises(FileNotFoundError):
         read_task("nq-open", tmp_path / "absent.jsonl")
 

@@ -22,10 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as usage:  # argparse has printed the usage error (or --help): its exit status
+        return int(usage.code or 0) if not isinstance(usage.code, str) else 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, a missing or unreadable file: a message, no traceback
         print(f"rag: error: {error}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ from typing import TextIO
 
 from rag.answering import Answer, to_json
 from rag.cli.model_options import add_model_arguments, load_asker
+from rag.cli.numbers import integer
 
 
 def format_answer(answer: Answer, width: int = 100) -> str:
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--interactive", action="store_true", help="read questions from stdin, one per line")
     p.add_argument("--json", action="store_true", help="one JSON object per question (as rag serve's /v1/answer)")
     add_model_arguments(p)
-    p.add_argument("--width", type=int, default=100, help="characters of passage text to show")
+    p.add_argument("--width", type=integer(min=20), default=100, help="characters of passage text to show")
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from rag.cli.numbers import COUNT
+
 QUESTIONS = (
     "What is the capital of Angola?",
     "Who wrote the tragedy Hamlet?",
@@ -19,7 +21,7 @@ QUESTIONS = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="build the default knowledge base and retrieve for examples")
     parser.add_argument("questions", nargs="*", help="questions to ask instead of the examples")
-    parser.add_argument("-k", type=int, default=3, help="passages per question")
+    parser.add_argument("-k", type=COUNT, default=3, help="passages per question")
     parser.set_defaults(func=run)
 
 

@@ -24,6 +24,7 @@ from rag.cli.model_options import (
     query_encoder,
     retriever_config,
 )
+from rag.cli.numbers import COUNT, OPTIONAL_COUNT, integer
 from rag.config import DEFAULT_GENERATOR, DecodingConfig, GeneratorConfig
 
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     p.add_argument("--part", choices=["all", "dev", "reserved"], default="all",
                    help="reserved sets: dev = positions i %% 5 != 4, reserved = i %% 5 == 4 (final figures only)")
-    p.add_argument("--limit", type=int, default=0, help="the first N examples (after --part)")
+    p.add_argument("--limit", type=OPTIONAL_COUNT, default=0, help="the first N examples (after --part)")
     p.add_argument("--mode", choices=["rag", "closed-book", "retrieval-only"], default="rag")
     p.add_argument("--checkpoint", help="a `rag train` checkpoint, or a released RAG checkpoint folder (transformers layout)")
     p.add_argument("--generator", help="generator path (default: the packaged SmolLM2-135M-Instruct)")
@@ -44,16 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_index_arguments(p)
     add_retriever_arguments(p, default=None)
     p.add_argument("--swap-index", help="hot-swap: load the model with --index, then replace it by this one")
-    p.add_argument("-k", type=int, nargs="+", default=None,
+    p.add_argument("-k", type=COUNT, nargs="+", default=None,
                    help="passages marginalised; several values = several runs (default: 5, or the checkpoint's)")
     p.add_argument("--kind", choices=["token", "sequence"], nargs="+",
                    help="RAG-Token and/or RAG-Sequence (default token, or the checkpoint's)")
     p.add_argument("--decoding", choices=["thorough", "fast"], nargs="+", default=["thorough"],
                    help="RAG-Sequence decoding(s)")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--min-new-tokens", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--beams", type=COUNT, default=1)
+    p.add_argument("--max-new-tokens", type=COUNT, default=16)
+    p.add_argument("--min-new-tokens", type=OPTIONAL_COUNT, default=1)
+    p.add_argument("--batch-size", type=COUNT, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or an earlier rag eval --out (runs resume there); never the "
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--hotswap-experiment", action="store_true",
                    help="run the built-in knowledge hot-swap experiment (2x2 table in --out/hotswap.md)")
-    p.add_argument("--questions", type=int, default=40, help="hot-swap experiment: number of questions")
+    p.add_argument("--questions", type=integer(min=2), default=40, help="hot-swap experiment: number of questions")
     p.set_defaults(func=run)
 
 
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from rag.eval_report import write_report
     from rag.evaluation import EvalConfig, evaluate_many, metric_for_task
 
+    # the decoding flags together (min <= max) before any work
+    DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     out = claim_output(args)
     if args.hotswap_experiment:
         return run_hotswap(args, out)

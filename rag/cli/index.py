@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.cli.model_options import add_index_arguments, knowledge_base, query_encoder
+from rag.cli.numbers import COUNT, OPTIONAL_COUNT, POSITIVE
 from rag.config import (
     DEFAULT_CORPUS,
     DEFAULT_ENCODER,
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--corpus", default=DEFAULT_CORPUS, help="a .jsonl, DPR .tsv, folder, or builtin:wiki-summaries"
     )
     build.add_argument("--format", default="auto", choices=["auto", "jsonl", "dpr-tsv", "folder", "builtin"])
-    build.add_argument("--words", type=int, default=100, help="words per passage (the paper: 100)")
+    build.add_argument("--words", type=COUNT, default=100, help="words per passage (the paper: 100)")
     build.add_argument(
         "--skip-bad-records", action="store_true", help="count bad records instead of stopping"
     )
@@ -43,18 +44,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="d(z)'s precision (auto: bfloat16 where the CPU computes it natively, else float32; "
                             "the knowledge base records which)")
-    build.add_argument("--max-length", type=int, default=EncoderConfig.max_length, help="tokens per passage")
-    build.add_argument("--batch-size", type=int, default=EncoderConfig.batch_size)
+    build.add_argument("--max-length", type=COUNT, default=EncoderConfig.max_length, help="tokens per passage")
+    build.add_argument("--batch-size", type=COUNT, default=EncoderConfig.batch_size)
     build.add_argument("--index-type", default="flat", choices=["flat", "hnsw", "ivfpq", "factory"],
                        help="the MIPS index over d(z) (--index names a knowledge base, on every command)")
     build.add_argument("--factory", default="", help="FAISS index_factory string (with --index-type factory)")
     build.add_argument("--query-encoder", default="",
                        help="the q(x) to record for this d(z) (default: d(z)'s own folder; a DPR context "
                             "encoder needs its question encoder here)")
-    build.add_argument("--query-scale", type=float, default=None,
+    build.add_argument("--query-scale", type=POSITIVE, default=None,
                        help="q(x)'s scale to record (default: 20 for a normalised encoder, 1 otherwise)")
-    build.add_argument("--ivf-lists", type=int, default=0, help="ivfpq: inverted lists (0: about 4 sqrt(N))")
-    build.add_argument("--pq", type=int, default=0, help="ivfpq: PQ sub-quantizers, bytes per code (0: D / 4)")
+    build.add_argument("--ivf-lists", type=OPTIONAL_COUNT, default=0, help="ivfpq: inverted lists (0: about 4 sqrt(N))")
+    build.add_argument("--pq", type=OPTIONAL_COUNT, default=0, help="ivfpq: PQ sub-quantizers, bytes per code (0: D / 4)")
     build.add_argument("--ondisk-lists", action="store_true",
                        help="IVF kinds: inverted lists memory-mapped from disk instead of held in RAM")
     build.add_argument("--embeddings", default="",
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--embeddings-column", default="",
                        help="vector column of a Parquet/Arrow --embeddings (default: embeddings, embedding, vector)")
     build.add_argument(
-        "--shard-size", type=int, default=IndexConfig.shard_size, help="passages per resumable shard"
+        "--shard-size", type=COUNT, default=IndexConfig.shard_size, help="passages per resumable shard"
     )
     build.add_argument("--out", required=True,
                        help="output folder: new or empty (it appears only when complete); never the current "
@@ -84,8 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hybrid.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     hybrid.add_argument("--part", choices=["all", "dev"], default="dev",
                         help="dev: positions i %% 5 != 4 only (reserved sets); never tune on a reserved fifth")
-    hybrid.add_argument("--limit", type=int, default=1000, help="the first N questions (0: all)")
-    hybrid.add_argument("-k", type=int, default=5, help="the fusion with the best recall@k is chosen")
+    hybrid.add_argument("--limit", type=OPTIONAL_COUNT, default=1000, help="the first N questions (0: all)")
+    hybrid.add_argument("-k", type=COUNT, default=5, help="the fusion with the best recall@k is chosen")
     hybrid.set_defaults(func=run_hybrid)
 
     verify = sub.add_parser("verify", help="check every file of a knowledge base against its manifest "

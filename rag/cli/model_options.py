@@ -13,6 +13,7 @@ import argparse
 from dataclasses import replace
 
 from rag.answering import Asker, rag_model_config
+from rag.cli.numbers import COUNT, OPTIONAL_COUNT, POSITIVE
 from rag.config import (
     PROMPT_STYLES,
     RETRIEVER_KINDS,
@@ -31,7 +32,7 @@ def add_index_arguments(p: argparse.ArgumentParser, query_encoder: bool = True) 
     if query_encoder:
         p.add_argument("--query-encoder", default="",
                        help="q(x) folder (default: the q(x) the knowledge base records, see rag index info)")
-        p.add_argument("--query-scale", type=float, default=None,
+        p.add_argument("--query-scale", type=POSITIVE, default=None,
                        help="q(x) = scale * pooled output, the prior's temperature (default: the knowledge "
                             "base's; 20 for a normalised encoder, 1 otherwise)")
 
@@ -43,7 +44,7 @@ def add_retriever_arguments(parser: argparse.ArgumentParser, default: str | None
                              "hybrid: both fused as the knowledge base's hybrid.json says (rag index hybrid). "
                              "A missing BM25 index is built once into the knowledge base"
                              + ("" if default else " (default: dense, or the checkpoint's)"))
-    parser.add_argument("--bm25-temperature", type=float, default=None,
+    parser.add_argument("--bm25-temperature", type=POSITIVE, default=None,
                         help="p(z|x) logits are BM25 score / this (default 1: the scores themselves, as the paper)")
 
 
@@ -79,14 +80,14 @@ def query_encoder(args: argparse.Namespace, index_dir: str) -> EncoderConfig:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["token", "sequence"], default=None, help="default: token (or the checkpoint's)")
-    p.add_argument("-k", type=int, default=None, help="passages retrieved and marginalised (default: 5, or the checkpoint's)")
+    p.add_argument("-k", type=COUNT, default=None, help="passages retrieved and marginalised (default: 5, or the checkpoint's)")
     p.add_argument("--checkpoint", default="", help="a `rag train` checkpoint folder (RUN/checkpoint): its trained model")
-    p.add_argument("--beams", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--beams", type=COUNT, default=1, help="beam size (1 = greedy)")
     p.add_argument(
         "--decoding", choices=["thorough", "fast"], default="thorough", help="RAG-Sequence decoding"
     )
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--min-new-tokens", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=COUNT, default=32)
+    p.add_argument("--min-new-tokens", type=OPTIONAL_COUNT, default=1)
     add_index_arguments(p)
     add_retriever_arguments(p, default=None)
     p.add_argument("--generator", default="", help="generator path (default: SmolLM2-135M-Instruct)")

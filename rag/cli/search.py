@@ -20,6 +20,7 @@ from rag.cli.model_options import (
     query_encoder,
     retriever_config,
 )
+from rag.cli.numbers import COUNT, integer
 from rag.config import EncoderConfig
 
 
@@ -27,10 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("search", help="retrieve the top-k passages for queries")
     parser.add_argument("queries", nargs="+", help="one or more queries")
     add_index_arguments(parser)
-    parser.add_argument("-k", type=int, default=5, help="passages per query")
+    parser.add_argument("-k", type=COUNT, default=5, help="passages per query")
     parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per query")
     add_retriever_arguments(parser)
-    parser.add_argument("--width", type=int, default=100, help="characters of passage text to show")
+    parser.add_argument("--width", type=integer(min=20), default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
 
 

@@ -22,25 +22,26 @@ import threading
 from pathlib import Path
 
 from rag.cli.model_options import add_model_arguments, decoding_config, model_config
+from rag.cli.numbers import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, integer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve answers over HTTP: API with provenance, OpenAI-compatible chat, web page")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=integer(min=0, max=65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("RAG_API_KEY", ""),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $RAG_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="bind a non-loopback --host without --api-key")
     p.add_argument("--model-name", default="rag", help="the model id /v1/models and chat completions report")
-    p.add_argument("--max-batch", type=int, default=8, help="questions answered in one batch")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
+    p.add_argument("--max-batch", type=COUNT, default=8, help="questions answered in one batch")
+    p.add_argument("--batch-window-ms", type=NON_NEGATIVE, default=10.0,
                    help="how long a request waits for others to share its batch")
-    p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
-    p.add_argument("--max-body-bytes", type=int, default=64 * 1024)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--max-queue", type=COUNT, default=256, help="queued requests beyond this get 503")
+    p.add_argument("--timeout", type=POSITIVE, default=300.0, help="seconds per request, queueing included")
+    p.add_argument("--max-body-bytes", type=integer(min=1024), default=64 * 1024)
+    p.add_argument("--threads", type=OPTIONAL_COUNT, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(func=run)
 

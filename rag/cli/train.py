@@ -23,6 +23,7 @@ from rag.cli.model_options import (
     query_encoder,
     retriever_config,
 )
+from rag.cli.numbers import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, integer, number
 from rag.config import PROMPT_STYLES, GeneratorConfig, LoraSpec, RagConfig
 
 
@@ -41,36 +42,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="short-answer", help="causal generators: short-answer (demonstrations, answer ends at a newline), chat, plain")
     p.add_argument("--generator", default="", help="generator folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--kind", choices=["token", "sequence"], default="token")
-    p.add_argument("-k", type=int, default=5, help="passages retrieved and marginalised")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--generator-lr", type=float, default=None, help="default: --lr")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    p.add_argument("-k", type=COUNT, default=5, help="passages retrieved and marginalised")
+    p.add_argument("--steps", type=COUNT, default=1000, help="optimiser steps")
+    p.add_argument("--batch-size", type=COUNT, default=8)
+    p.add_argument("--grad-accum", type=COUNT, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=3e-5)
+    p.add_argument("--generator-lr", type=NON_NEGATIVE, default=None, help="default: --lr")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
+    p.add_argument("--warmup", type=OPTIONAL_COUNT, default=0, help="warm-up steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
+    p.add_argument("--label-smoothing", type=number(min=0, lt=1), default=0.0)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(min=0, max=2**32 - 1), default=0)
     p.add_argument("--freeze-query-encoder", action="store_true", help="the frozen-retriever ablation")
     p.add_argument("--freeze-generator", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--lora-rank", type=OPTIONAL_COUNT, default=0,
                    help="train the generator as a LoRA delta of this rank on every linear layer (0: every weight)")
-    p.add_argument("--query-lora-rank", type=int, default=0, help="the same for q(x) (0: every weight)")
-    p.add_argument("--counterfactual-rate", type=float, default=0.0,
+    p.add_argument("--query-lora-rank", type=OPTIONAL_COUNT, default=0, help="the same for q(x) (0: every weight)")
+    p.add_argument("--counterfactual-rate", type=number(min=0, max=1), default=0.0,
                    help="share of examples whose retrieved passages state another answer of the same type, "
                         "the new target (knowledge conflicts; rag.counterfactual)")
     p.add_argument("--train-passage-encoder", action="store_true",
                    help="optional: train d(z) too (the index is rebuilt every --reindex-every steps and at the end)")
-    p.add_argument("--passage-lr", type=float, default=None, help="d(z)'s learning rate (default: --lr)")
-    p.add_argument("--reindex-every", type=int, default=0, help="steps between re-indexings (0: at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--passage-lr", type=NON_NEGATIVE, default=None, help="d(z)'s learning rate (default: --lr)")
+    p.add_argument("--reindex-every", type=OPTIONAL_COUNT, default=0, help="steps between re-indexings (0: at the end)")
+    p.add_argument("--eval-every", type=OPTIONAL_COUNT, default=0, help="steps between dev evaluations (0: at the end)")
+    p.add_argument("--save-every", type=OPTIONAL_COUNT, default=0, help="steps between checkpoints (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in --out, replacing the run there")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this invocation")
+    p.add_argument("--stop-after", type=COUNT, default=None, help="stop after N steps of this invocation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -104,15 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.train_file or not args.out:
         raise ValueError("rag train needs --train FILE and --out FOLDER (or: rag train plot LOG --out PNG)")
-    inputs = [f for f in (args.train_file, args.dev_file) if f]
-    check_run_folder(args.out, args.resume, args.overwrite, [*inputs, *([args.index] if args.index else [])])
-    if not 0.0 <= args.counterfactual_rate <= 1.0:
-        raise ValueError(f"--counterfactual-rate must be in [0, 1], got {args.counterfactual_rate}")
-    options = {"subsets": args.subset} if args.subset else {}
-    train_data = read_examples(args.train_file, args.task, **options)
-    dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
+    # every flag first (TrainConfig checks each field and range), then the output folder, then the data:
+    # all before the knowledge base or a model is loaded
     config = TrainConfig(
-        rag=rag_config(args), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        rag=RagConfig(kind=args.kind, k=args.k), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, generator_lr=args.generator_lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         label_smoothing=args.label_smoothing, bf16=args.bf16, seed=args.seed,
@@ -122,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
         generator_lora=_lora(args.lora_rank, "--lora-rank"), query_lora=_lora(args.query_lora_rank, "--query-lora-rank"),
         counterfactual_rate=args.counterfactual_rate,
     )  # fmt: skip
+    inputs = [f for f in (args.train_file, args.dev_file) if f]
+    check_run_folder(args.out, args.resume, args.overwrite, [*inputs, *([args.index] if args.index else [])])
+    options = {"subsets": args.subset} if args.subset else {}
+    train_data = read_examples(args.train_file, args.task, **options)
+    dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
+    config = dataclasses.replace(config, rag=rag_config(args))
     model = RagModel.from_config(config.rag, args.device)
     result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
                    progress=not args.quiet, stop_after=args.stop_after, overwrite=args.overwrite,

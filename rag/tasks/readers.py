@@ -32,6 +32,7 @@ from rag.tasks.records import (
     open_text,
     qa_example,
     record_id,
+    show,
     stream,
     string_field,
     string_list,
@@ -160,7 +161,7 @@ def read_msmarco(
             head = handle.readline()
         try:
             table = json.loads(head)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             table = None
         if not (isinstance(table, dict) and isinstance(table.get("query"), dict)):
             yield from lines(path)
@@ -254,13 +255,13 @@ def read_kilt(
         obj = json_object(raw)
         outputs = obj.get("output")
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise BadField("output", f"expected a list of objects, got {outputs!r:.80}")
+            raise BadField("output", f"expected a list of objects, got {show(outputs)}")
         answers: list[str] = []
         sets: list[tuple[Provenance, ...]] = []
         for output in outputs:
             if "answer" in output:
                 if not isinstance(output["answer"], str):
-                    raise BadField("output.answer", f"expected a string, got {output['answer']!r:.80}")
+                    raise BadField("output.answer", f"expected a string, got {show(output['answer'])}")
                 answers.append(output["answer"])
             if output.get("provenance"):
                 sets.append(kilt_provenance(output["provenance"]))
@@ -289,7 +290,7 @@ def read_squad_open(
         answers = string_list(obj.get("answers"), "answers")
         pid = obj.get("pid")
         if not isinstance(pid, int | str):
-            raise BadField("pid", f"expected a paragraph id, got {pid!r:.80}")
+            raise BadField("pid", f"expected a paragraph id, got {show(pid)}")
         return Example(
             id=record_id(obj, position),
             input=string_field(obj, "question"),
@@ -314,7 +315,7 @@ def read_nq_gold(
         answers = string_list(obj.get("answers"), "answers")
         ctxs = obj.get("ctxs")
         if not isinstance(ctxs, list) or not all(isinstance(c, dict) and "title" in c for c in ctxs):
-            raise BadField("ctxs", f"expected a list of objects with a title, got {ctxs!r:.80}")
+            raise BadField("ctxs", f"expected a list of objects with a title, got {show(ctxs)}")
         gold = tuple(dict.fromkeys(Provenance(title=str(c["title"])) for c in ctxs if c.get("isgold")))
         return Example(
             id=record_id(obj, position),
@@ -331,10 +332,16 @@ def read_nq_gold(
 def _red_trivia_file(path: Path) -> Iterator[tuple[int, int, tuple[str, Any]]]:
     """(position, line, (question, answers node)) from one YAML list, read as raw scalars (no 1.1 typing:
     an alias `yes` or `1.0` stays a string)."""
+    data = path.read_bytes()
     try:
-        root = yaml.compose(
-            path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        )
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise TaskFormatError(path, line, "yaml", f"bytes that are not UTF-8 (byte {err.start} of the file)") from None
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except RecursionError:
+        raise TaskFormatError(path, None, "yaml", "nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise TaskFormatError(

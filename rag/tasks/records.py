@@ -8,7 +8,7 @@ import csv
 import gzip
 import io
 import json
-import sys
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 from rag.tasks.examples import Example, Provenance
 
-csv.field_size_limit(sys.maxsize)  # TriviaQA alias lists exceed the default 128 KiB
+csv.field_size_limit(50_000_000)  # TriviaQA alias lists exceed the default 128 KiB; MAX_RECORD_CHARS
 
 
 class TaskFormatError(ValueError):
@@ -48,28 +48,66 @@ class BadField(Exception):
 # Record sources: (position, line, raw record) with 1-based physical line numbers.
 
 
+MAX_RECORD_CHARS = 50_000_000  # a line or CSV field longer than this is bad input, not read into memory
+
+
 def open_text(path: Path) -> io.TextIOBase:
+    """The file as text. Bytes that are not UTF-8 become lone surrogates (surrogateescape), so that the
+    record holding them is the one reported (stream checks), with its line, instead of the whole file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+class Oversized(str):
+    """Stands for a line over MAX_RECORD_CHARS, which was skipped rather than read (stream reports it)."""
 
 
 def lines(path: Path) -> Iterator[tuple[int, int, str]]:
+    """(position, 1-based line number, line) of every non-blank line; a line over MAX_RECORD_CHARS is
+    read in bounded pieces and given as Oversized("")."""
     with open_text(path) as handle:
-        position = 0
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield position, number, line
-                position += 1
+        position, number = 0, 0
+        while True:
+            line = handle.readline(MAX_RECORD_CHARS)
+            if not line:
+                return
+            number += 1
+            if len(line) == MAX_RECORD_CHARS and not line.endswith("\n"):
+                while (rest := handle.readline(MAX_RECORD_CHARS)) and not rest.endswith("\n"):
+                    pass
+                line = Oversized("")
+            elif not line.strip():
+                continue
+            yield position, number, line
+            position += 1
 
 
 def csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, int, list[str]]]:
     with open_text(path) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        start = 1
-        for position, row in enumerate(reader):
+        start, position = 1, 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a field over the limit: the reader cannot go on
+                raise TaskFormatError(path, reader.line_num, "row", f"not a CSV row: {err}") from None
             yield position, start, row
+            position += 1
             start = reader.line_num + 1
+
+
+def has_surrogates(value: Any) -> bool:
+    """Whether a record read with surrogateescape held bytes that are not UTF-8."""
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, list | tuple):
+        return any(has_surrogates(v) for v in value)
+    return False
 
 
 def stream(
@@ -84,7 +122,14 @@ def stream(
     try:
         for position, line, raw in records:
             try:
-                example = parse(position, raw)
+                try:
+                    if isinstance(raw, Oversized):
+                        raise BadField("line", f"longer than {MAX_RECORD_CHARS:,} characters")
+                    if has_surrogates(raw):
+                        raise BadField("text", "bytes that are not UTF-8")
+                    example = parse(position, raw)
+                except RecursionError:  # a value nested too deeply for any check that walks it
+                    raise BadField("json", "nested too deeply to be a record") from None
             except BadField as bad:
                 error = TaskFormatError(path, line, bad.field, bad.reason)
                 if not skip_bad:
@@ -106,11 +151,22 @@ def stream(
 # Field helpers: each raises BadField naming the field.
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 2, 60, 60, 4, 4
+
+
+def show(value: Any) -> str:
+    """A short repr of a bad value for an error message (bounded depth: a deeply nested value is fine)."""
+    return _SHOW.repr(value)[:100]
+
+
 def json_object(raw: str) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         raise BadField("json", f"malformed JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise BadField("json", "nested too deeply to be a record") from None
     if not isinstance(obj, dict):
         raise BadField("json", f"expected an object, got {type(obj).__name__}")
     return obj
@@ -121,13 +177,18 @@ def string_field(obj: dict[str, Any], key: str) -> str:
         raise BadField(key, "missing")
     value = obj[key]
     if not isinstance(value, str) or not value.strip():
-        raise BadField(key, f"expected a non-empty string, got {value!r:.80}")
+        raise BadField(key, f"expected a non-empty string, got {show(value)}")
     return value.strip()
 
 
 def string_list(value: Any, key: str) -> tuple[str, ...]:
+    """A non-empty list of answers, none of them blank: an empty answer would match every text (has_answer
+    finds the empty token run everywhere), inflating recall and exact match."""
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
-        raise BadField(key, f"expected a non-empty list of strings, got {value!r:.80}")
+        raise BadField(key, f"expected a non-empty list of strings, got {show(value)}")
+    blank = [i for i, a in enumerate(value) if not a.strip()]
+    if blank:
+        raise BadField(key, f"item {blank[0]} is an empty string (an empty answer would match any text)")
     return tuple(value)
 
 
@@ -157,13 +218,13 @@ def qa_example(position: int, ident: str, question: str, answers: tuple[str, ...
 def fever_evidence(value: Any) -> tuple[tuple[Provenance, ...], ...] | None:
     """FEVER evidence: a list of evidence sets, each a list of [annotation, evidence, page, sentence]."""
     if not isinstance(value, list):
-        raise BadField("evidence", f"expected a list, got {value!r:.80}")
+        raise BadField("evidence", f"expected a list, got {show(value)}")
     sets = []
     for group in value:
         if not isinstance(group, list) or not all(
             isinstance(item, list) and len(item) == 4 for item in group
         ):
-            raise BadField("evidence", f"expected lists of 4-item lists, got {group!r:.80}")
+            raise BadField("evidence", f"expected lists of 4-item lists, got {show(group)}")
         pages = tuple(dict.fromkeys(Provenance(title=str(item[2])) for item in group if item[2] is not None))
         if pages:
             sets.append(pages)
@@ -172,7 +233,7 @@ def fever_evidence(value: Any) -> tuple[tuple[Provenance, ...], ...] | None:
 
 def kilt_provenance(items: Any) -> tuple[Provenance, ...]:
     if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
-        raise BadField("output.provenance", f"expected a list of objects, got {items!r:.80}")
+        raise BadField("output.provenance", f"expected a list of objects, got {show(items)}")
     pages = []
     for item in items:
         if "wikipedia_id" not in item:
