@@ -37,7 +37,8 @@ def run_eval(tree: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.index:
         cmd += ["--index", args.index]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True)
+    # cwd=tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, cwd=tree)
     if done.returncode != 0:
         raise RuntimeError(f"{tree}: rag eval failed: {done.stderr[-800:]}")
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())

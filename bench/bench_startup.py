@@ -38,7 +38,8 @@ def run_once(tree: Path, args: list[str]) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "rag.cli", *args], env=env, capture_output=True, text=True)
+    # cwd=tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    done = subprocess.run([sys.executable, "-m", "rag.cli", *args], env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
