@@ -38,7 +38,7 @@ from rag.io import atomic_write_text  # noqa: E402
 from rag.knowledge import build_knowledge_base, open_knowledge_base  # noqa: E402
 from rag.metrics import ranking_agreement  # noqa: E402
 from rag.mips import exact_search  # noqa: E402
-from rag.resources import red_trivia_dir  # noqa: E402
+from rag.resources import cache_dir, red_trivia_dir  # noqa: E402
 from rag.tasks import RED_TRIVIA_GENERAL_LISTS, read_task, split_reserved  # noqa: E402
 
 K = 10
@@ -134,18 +134,27 @@ def sample_section(every: int, rounds: int, n_questions: int, tmp: Path) -> dict
     return out
 
 
-def full_section(tmp: Path, n_questions: int) -> dict[str, Any]:
-    """The old default build (float32) and the new one, each timed end to end, and their rankings."""
+def full_section(tmp: Path, n_questions: int, cached: bool) -> dict[str, Any]:
+    """The old default build (float32) and the new one, each timed end to end, and their rankings.
+    cached: the two default knowledge bases already in the cache (kb/default, kb/default-bfloat16) with
+    the build times their meta.json recorded (not side by side: the load of their own runs)."""
     runs: dict[str, Any] = {}
+    folders = {}
     for name, dtype in (("float32 (old default)", "float32"), ("new default", passage_dtype("auto"))):
+        folders[name] = cache_dir() / "kb" / ("default" if dtype == "float32" else f"default-{dtype}") if cached else tmp / dtype
+        if cached:
+            meta = open_knowledge_base(folders[name]).meta
+            runs[name] = {"dtype": meta["encoder"]["dtype"], "seconds": meta["build_seconds"], "passages": meta["passages"],
+                          "recorded_by_the_build": True}  # fmt: skip
+            continue
         start = time.perf_counter()
-        info = build_knowledge_base(CorpusConfig(), EncoderConfig(dtype=dtype), IndexConfig(), tmp / dtype,  # type: ignore[arg-type]
+        info = build_knowledge_base(CorpusConfig(), EncoderConfig(dtype=dtype), IndexConfig(), folders[name],  # type: ignore[arg-type]
                                     progress=False)  # fmt: skip
         runs[name] = {"dtype": dtype, "seconds": time.perf_counter() - start, "passages": info.passages}
     query = load_encoder(EncoderConfig()).encode(questions(n_questions))
     rows = {}
-    for name, run in runs.items():
-        kb = open_knowledge_base(tmp / run["dtype"])
+    for name in runs:
+        kb = open_knowledge_base(folders[name])
         rows[name] = exact_search(kb.index.embeddings(np.arange(len(kb.index))), query, K).rows.tolist()
     overlap, top1 = ranking_agreement(rows["float32 (old default)"], rows["new default"])
     return {"runs": runs, "questions": len(query), "overlap_at_10": overlap, "top1_agreement": top1}
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--no-full", action="store_true", help="skip the two full default builds")
+    parser.add_argument("--cached", action="store_true",
+                        help="(2) from the cached default knowledge bases (their recorded build times) instead of building")
     parser.add_argument("--extra-path", action="append", default=[], help="appended to sys.path (onnxruntime)")
     args = parser.parse_args(argv)
     sys.path.extend(args.extra_path)
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_build.") as tmp:
         res["sample"] = sample_section(args.every, args.rounds, args.questions, Path(tmp))
         if not args.no_full:
-            res["full"] = full_section(Path(tmp), args.questions)
+            res["full"] = full_section(Path(tmp), args.questions, args.cached)
     res["loadavg_before"], res["loadavg_after"] = [round(v, 1) for v in load_before], [round(v, 1) for v in os.getloadavg()]
     s = res["sample"]
     print(f"\n| d(z) encoding, {s['passages']} passages, {res['threads']} torch threads | passages/s | min cosine "
