@@ -6,7 +6,7 @@ earlier one (--before DIR: a checkout, e.g. `git worktree add /tmp/before abb17d
 Each command runs as its own process (`python -m rag.cli ...` with PYTHONPATH set to the tree), warm (the
 files in the page cache after a first run). Wall time is what a user waits; CPU time (user + system of the
 child) is what the command costs, and varies less with the machine's load. Older trees spell
-`rag search KB QUERY`, newer ones `rag search QUERY --index KB`: --before-search-style picks. Prints a
+`rag search KB QUERY` and `rag index info KB`, newer ones `--index KB`: --before-search-style picks. Prints a
 table and writes bench/out/bench_startup.json.
 """
 
@@ -29,8 +29,11 @@ QUERY = "What is the capital of Angola?"
 
 
 def commands(kb: str, search_style: str) -> dict[str, list[str]]:
-    search = ["search", kb, QUERY] if search_style == "positional" else ["search", QUERY, "--index", kb]
-    return {"rag --help": ["--help"], "rag index info": ["index", "info", kb], "rag search": [*search, "-k", "5"]}
+    if search_style == "positional":  # rag search KB QUERY, rag index info KB
+        search, info = ["search", kb, QUERY], ["index", "info", kb]
+    else:  # one --index convention on every command
+        search, info = ["search", QUERY, "--index", kb], ["index", "info", "--index", kb]
+    return {"rag --help": ["--help"], "rag index info": info, "rag search": [*search, "-k", "5"]}
 
 
 def run_once(tree: Path, args: list[str]) -> tuple[float, float]:
