@@ -18,12 +18,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from rag.config import LoraSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: reading a delta's files needs none
+    import torch
+    from torch import Tensor, nn
 
 DELTA_FORMAT = "rag-lora-delta"
 WEIGHTS_FILE = "delta.safetensors"
@@ -58,6 +59,7 @@ def adapted_modules(model: nn.Module) -> list[str]:
 
 def delta_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The trained pairs of an attached model: {"NAME.lora_A": (r, I), "NAME.lora_B": (O, r)}, float32."""
+
     out: dict[str, Tensor] = {}
     for name in adapted_modules(model):
         layer = model.get_submodule(name)
@@ -68,6 +70,8 @@ def delta_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def load_delta_into(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     """Copy stored pairs into an attached model's LoRA layers (exact resume of training)."""
+    import torch
+
     names = adapted_modules(model)
     expected = {f"{n}.lora_{s}" for n in names for s in ("A", "B")}
     if set(tensors) != expected:
@@ -83,18 +87,22 @@ def load_delta_into(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 def base_fingerprint(model: nn.Module) -> str:
     """A cheap identity of the base weights a delta was trained on: the sha256 of the input embedding
     matrix rounded to bfloat16 (equal for the same weights in float32 or bfloat16, different otherwise)."""
+    import torch
+
     embedding = model.get_input_embeddings().weight.detach()
     data = embedding.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
 
 
 def save_delta(folder: Path, tensors: Mapping[str, Tensor], spec: LoraSpec, base: Mapping[str, Any],
-               dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+               dtype: torch.dtype | None = None) -> Path:  # fmt: skip
     """Write WEIGHTS_FILE (+ META_FILE naming the spec, the base it applies to and the file's sha256)
     into `folder` (which the caller writes atomically)."""
+    import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or torch.float32
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE))
     meta = {"format": DELTA_FORMAT, "spec": asdict(spec), "base": dict(base),
             "sha256": sha256_file(folder / WEIGHTS_FILE)}  # fmt: skip
@@ -122,10 +130,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_delta(folder: Path | str) -> Delta:
-    """A stored delta, its sha256 verified before the tensors are read (safetensors: no code runs)."""
-    from safetensors.torch import load_file
-
+def read_delta_meta(folder: Path | str) -> dict[str, Any]:
+    """A delta folder's META_FILE, checked, with the weights file's sha256 verified against it."""
     folder = Path(folder)
     meta_path, weights = folder / META_FILE, folder / WEIGHTS_FILE
     if not meta_path.is_file() or not weights.is_file():
@@ -143,6 +149,16 @@ def read_delta(folder: Path | str) -> Delta:
     if actual != meta["sha256"]:
         raise DeltaError(f"{weights}: sha256 {actual} does not match {meta['sha256']} recorded in {meta_path}: "
                          "the file is corrupted or was replaced")  # fmt: skip
+    return meta
+
+
+def read_delta(folder: Path | str) -> Delta:
+    """A stored delta, its sha256 verified before the tensors are read (safetensors: no code runs)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_delta_meta(folder)
+    weights = folder / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for malformed headers
@@ -150,13 +166,15 @@ def read_delta(folder: Path | str) -> Delta:
     try:
         spec = LoraSpec(**meta["spec"])
     except (TypeError, ValueError) as err:
-        raise DeltaError(f"{meta_path}: field 'spec': {err}") from None
+        raise DeltaError(f"{folder / META_FILE}: field 'spec': {err}") from None
     return Delta(spec, dict(meta["base"]), {k: v.float() for k, v in tensors.items()}, folder)
 
 
 def merge_delta(model: nn.Module, delta: Delta) -> int:
     """W += (alpha / r) * B @ A for every pair, in float32, stored back in W's dtype. Checks that the
     delta was trained on these base weights. Returns the number of merged layers."""
+    import torch
+
     fingerprint = delta.base.get("fingerprint")
     if fingerprint and fingerprint != base_fingerprint(model):
         raise DeltaError(f"{delta.folder}: this delta was trained on other base weights "
@@ -169,7 +187,7 @@ def merge_delta(model: nn.Module, delta: Delta) -> int:
             except AttributeError:
                 raise DeltaError(f"{delta.folder}: the model has no layer {name!r}") from None
             a, b = delta.tensors.get(f"{name}.lora_A"), delta.tensors.get(f"{name}.lora_B")
-            if a is None or b is None or not isinstance(layer, nn.Linear):
+            if a is None or b is None or not isinstance(layer, torch.nn.Linear):
                 raise DeltaError(f"{delta.folder}: layer {name!r}: expected an A/B pair on a linear layer")
             if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape) or a.shape[0] != b.shape[1]:
                 raise DeltaError(f"{delta.folder}: layer {name!r}: pair shapes {tuple(a.shape)}, {tuple(b.shape)} "

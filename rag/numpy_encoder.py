@@ -141,8 +141,8 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def load_numpy_encoder(config: EncoderConfig) -> NumpyEncoder | None:
     """A NumpyEncoder for `config`'s directory, or None where this forward does not apply."""
-    if config.dtype != "float32" or getattr(config, "deltas", ()):
-        return None  # bfloat16, or LoRA deltas to merge (rag.lora): the torch Encoder
+    if config.dtype != "float32":
+        return None  # bfloat16: the torch Encoder
     try:
         layout = inspect_encoder_dir(config)
     except (OSError, ValueError):
@@ -171,8 +171,48 @@ def load_numpy_encoder(config: EncoderConfig) -> NumpyEncoder | None:
         weights[name] = value
     if "embeddings.word_embeddings.weight" not in weights:
         return None
+    if config.deltas and not _merge_deltas(weights, config.deltas):
+        return None  # a delta numpy cannot read (bfloat16) or place: the torch Encoder merges it
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=layout.max_length)
     return NumpyEncoder(tokenizer, weights, settings, layout.pooling, layout.normalize, layout.max_length,
                         config.scale)  # fmt: skip
+
+
+def _bf16_fingerprint(embedding: np.ndarray) -> str:
+    """rag.lora.base_fingerprint in numpy: sha256 of the float32 matrix rounded to bfloat16 (to nearest
+    even, as torch rounds), so a delta's base check needs no torch."""
+    import hashlib
+
+    bits = np.ascontiguousarray(embedding, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return hashlib.sha256(rounded.view(np.int16).tobytes()).hexdigest()
+
+
+def _merge_deltas(weights: dict[str, np.ndarray], deltas: tuple[str, ...]) -> bool:
+    """W += (alpha / r) * B @ A for each float32 LoRA delta folder (rag.lora's layout and checks: the
+    file's sha256 and the base fingerprint). False where numpy cannot do it (then torch merges)."""
+    from safetensors.numpy import load_file
+
+    from rag.lora import DeltaError, read_delta_meta
+    from rag.resources import resolve_path
+
+    for spec in deltas:
+        folder = resolve_path(spec)
+        meta = read_delta_meta(folder)  # checks the sha256 of the weights file
+        fingerprint = meta["base"].get("fingerprint")
+        if fingerprint and fingerprint != _bf16_fingerprint(weights["embeddings.word_embeddings.weight"]):
+            raise DeltaError(f"{folder}: this delta was trained on other base weights; it cannot be applied")
+        try:
+            tensors = load_file(str(folder / "delta.safetensors"))
+        except (TypeError, ValueError):
+            return False  # e.g. bfloat16, which numpy has no type for
+        scaling = float(meta["spec"]["alpha"]) / float(meta["spec"]["rank"])
+        for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+            weight = weights.get(name.removeprefix("bert.") + ".weight")
+            a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+            if weight is None or a is None or b is None or weight.shape != (b.shape[0], a.shape[1]):
+                return False
+            weights[name.removeprefix("bert.") + ".weight"] = weight + scaling * (b.astype(np.float32) @ a.astype(np.float32))
+    return True

@@ -104,6 +104,14 @@ def with_reader(reader: Reader | None, generator: GeneratorConfig, query: Encode
     return generator, query
 
 
+def reader_query_encoder(spec: str, query: EncoderConfig) -> EncoderConfig:
+    """q(x) with the reader's delta where q(x) is the reader's base (`rag search`, `rag eval`'s retriever)."""
+    reader = load_reader(spec)
+    if reader is None or reader.query_delta is None or query.path != reader.query_base:
+        return query
+    return dataclasses.replace(query, deltas=(*query.deltas, str(reader.query_delta)))
+
+
 def default_reader_applies(generator_path: str) -> bool:
     """Whether the shipped reader is for this generator (it is for the default one only)."""
     return generator_path == DEFAULT_GENERATOR

@@ -133,8 +133,9 @@ def train(name: str, threads: int, stop_after: int | None) -> None:
 
 
 def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[str, Any] | None = None) -> Path:
-    """A run's checkpoint (or snapshot) -> a reader folder (rag.reader): its LoRA deltas, stored in
-    `dtype` (bfloat16 halves the shipped size), and a manifest with every file's sha256."""
+    """A run's checkpoint (or snapshot) -> a reader folder (rag.reader): its LoRA deltas and a manifest
+    with every file's sha256. The generator's delta is stored in `dtype` (bfloat16 halves the shipped
+    size); q(x)'s stays float32 (1.3 MB), which `rag search`'s numpy q(x) can merge without torch."""
     import torch
 
     from rag.config import DEFAULT_ENCODER, DEFAULT_GENERATOR
@@ -150,7 +151,8 @@ def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[s
             if not source.is_dir():
                 continue  # q(x) frozen: no delta for it
             delta = read_delta(source)
-            save_delta(tmp / name, delta.tensors, delta.spec, delta.base, dtype=getattr(torch, dtype))
+            stored = getattr(torch, dtype) if name == "generator" else torch.float32
+            save_delta(tmp / name, delta.tensors, delta.spec, delta.base, dtype=stored)
             meta[name] = name
         meta["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -37,10 +37,37 @@ def test_equals_the_torch_encoder_on_tiny_berts(tmp_path, layout):
     np.testing.assert_allclose(fast.encode(TEXTS, batch_size=2), reference.encode(TEXTS), atol=2e-5, rtol=1e-5)
 
 
+def _delta(encoder_dir, folder, dtype: str = "float32"):
+    """A LoRA delta (rag.lora) with random B over the encoder in `encoder_dir`."""
+    import torch
+
+    from rag.config import LoraSpec
+    from rag.lora import adapted_modules, attach, base_fingerprint, delta_tensors, save_delta
+
+    model = load_encoder(EncoderConfig(path=str(encoder_dir))).model
+    spec = LoraSpec(rank=2, alpha=4.0)
+    attach(model, spec)
+    with torch.no_grad():
+        for i, name in enumerate(adapted_modules(model)):
+            b = model.get_submodule(name).lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    return save_delta(folder, delta_tensors(model), spec, {"fingerprint": base_fingerprint(model)}, getattr(torch, dtype))
+
+
+def test_merges_a_float32_lora_delta_as_the_torch_encoder_does(tmp_path):
+    st = tiny_sentence_transformers_dir(tmp_path / "st", seed=2)
+    config = EncoderConfig(path=str(st), scale=20.0, max_length=64, deltas=(str(_delta(st, tmp_path / "d")),))
+    fast, reference = load_numpy_encoder(config), load_encoder(config)
+    assert fast is not None
+    np.testing.assert_allclose(fast.encode(TEXTS), reference.encode(TEXTS), atol=2e-5, rtol=1e-5)
+    plain = load_encoder(EncoderConfig(path=str(st), scale=20.0, max_length=64)).encode(TEXTS)
+    assert np.abs(plain - fast.encode(TEXTS)).max() > 1e-3  # the delta is merged, not ignored
+
+
 def test_declines_what_it_does_not_compute(tmp_path):
     st = tiny_sentence_transformers_dir(tmp_path / "st", seed=1)
     assert load_numpy_encoder(EncoderConfig(path=str(st), dtype="bfloat16")) is None
-    assert load_numpy_encoder(EncoderConfig(path=str(st), deltas=(str(tmp_path / "delta"),))) is None
+    assert load_numpy_encoder(EncoderConfig(path=str(st), deltas=(str(_delta(st, tmp_path / "d", "bfloat16")),))) is None
     assert load_numpy_encoder(EncoderConfig(path=str(tiny_dpr_dir(tmp_path / "dpr")))) is None
     assert load_numpy_encoder(EncoderConfig(path=str(tmp_path / "missing"))) is None
 

@@ -140,10 +140,11 @@ def _retriever(args: argparse.Namespace, trained_query_encoder: Any, trained_ret
     encoder = trained_query_encoder
     if config.kind != "bm25" and (encoder is None or args.query_encoder or args.query_scale is not None):
         query = query_encoder(args, index)
-        if trained_query_encoder is None:  # the shipped reader's q(x) delta, where q(x) is its base
-            from rag.reader import with_reader
+        if trained_query_encoder is None and not args.checkpoint:  # the reader's q(x) delta, if q(x) is its base
+            from rag.reader import default_reader_applies, reader_query_encoder
 
-            _, query = with_reader(_reader(args, args.generator or DEFAULT_GENERATOR), GeneratorConfig(), query, None)
+            if args.reader != "default" or default_reader_applies(args.generator or DEFAULT_GENERATOR):
+                query = reader_query_encoder(args.reader, query)
         encoder = load_encoder(query, args.device)
     return open_retriever(index, config, query_encoder=encoder, device=args.device)
 

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-k", type=COUNT, default=5, help="passages per query")
     parser.add_argument("--json", action="store_true", help="JSON Lines output, one object per query")
     add_retriever_arguments(parser)
+    parser.add_argument("--reader", default="default",
+                        help="the q(x) of this reader (rag ask's default: the shipped trained reader's q(x) delta "
+                             "where q(x) is the packaged encoder); none: q(x) as the knowledge base records it")
     parser.add_argument("--width", type=integer(min=20), default=100, help="characters of passage text to show")
     parser.set_defaults(func=run)
 
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--query-encoder and --query-scale are for the dense and hybrid retrievers, not bm25")
     index = knowledge_base(args)
     encoder = query_encoder(args, index) if args.retriever != "bm25" else None
+    if encoder is not None:
+        from rag.reader import reader_query_encoder
+
+        encoder = reader_query_encoder(args.reader, encoder)
     per_query = numpy_hits(index, encoder, args) if encoder is not None and args.retriever == "dense" else None
     if per_query is None:
         from rag.retriever import open_retriever
