@@ -56,7 +56,13 @@ from rag.generators import load_generator
 from rag.generators.loading import generator_dtype
 from rag.hybrid import choose_hybrid_fusion
 from rag.io import atomic_write_text
-from rag.knowledge import META_FILE, PASSAGES_FILE, build_knowledge_base, default_knowledge_base
+from rag.knowledge import (
+    META_FILE,
+    PASSAGES_FILE,
+    build_knowledge_base,
+    default_knowledge_base,
+    query_encoder_config,
+)
 from rag.retriever import BM25Retriever, HybridRetriever, Retriever
 from rag.store import PassageStore
 from rag.tasks import FEVER_2WAY, Example, split_reserved
@@ -70,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recall", type=int, default=1000, help="questions per set for recall@k (the reported sample)")
     p.add_argument("--tune", type=int, default=1000, help="dev questions per set the fusion is chosen on")
     p.add_argument("--cell", type=int, default=120, help="questions per exact-match cell")
-    p.add_argument("--fever", type=int, default=300, help="Climate-FEVER claims")
+    p.add_argument("--fever", type=int, default=100, help="Climate-FEVER claims")
     p.add_argument("--speed-questions", type=int, default=1024)
     p.add_argument("--speed-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="speed: best of N, retrievers alternating")
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     for kb in kbs.values():
         open_bm25_index(kb, build=True)
     sets = {name: split_reserved(examples, "dev") for name, examples in question_sets(data, wiki).items()}
-    encoder = load_encoder(RagConfig().query_encoder)  # q(x), scale 20: the logits RagModel uses
+    encoder = load_encoder(query_encoder_config(wiki))  # the q(x) RagModel uses (scale 20: its logits)
     generator = None
     if {"em", "fever"} & set(stages):
         config = replace(RagConfig().generator, dtype=generator_dtype(args.dtype, "cpu"))
@@ -326,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"other helpers' work; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     })  # fmt: skip
     report["args"] = vars(args)
+    if json_path.is_file():  # another run may have written other stages meanwhile: replace only ours
+        latest = json.loads(json_path.read_text(encoding="utf-8"))
+        mine = {key: report[key] for key in [*stages, "bm25_builds", "args"]}
+        report = {**latest, **mine, "runs": [*latest.get("runs", []), report["runs"][-1]]}
     atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
     atomic_write_text(Path(args.results), markdown(report))
     log(f"wrote {args.results} and {json_path} in {minutes:.1f} min")
