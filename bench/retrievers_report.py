@@ -135,9 +135,9 @@ def _speed_section(speed: dict[str, Any], builds: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     runs = report.get("runs", [])
     lines = ["# Retrievers: dense, BM25 and hybrid (the paper's Table 6 ablation)", "",
-             "Reproduce with `python bench/run_retrievers.py` (stages recall, em, fever, speed; `--only STAGES` "
-             "reruns some, results accumulate in bench/out/retrievers/run_retrievers.json; a new default "
-             "generator gets new exact-match folders). Question sets: those of results/evaluation.md, "
+             "Reproduce with `python bench/run_retrievers.py` (stages recall, speed, fever, em, in that order, each "
+             "saved as it finishes; `--only STAGES` reruns some, results accumulate in "
+             "bench/out/retrievers/run_retrievers.json; a new default generator gets new exact-match folders). Question sets: those of results/evaluation.md, "
              "development four fifths (positions i % 5 != 4) of each; the reserved fifth is not used.", ""]  # fmt: skip
     for run in runs[-4:]:
         lines.append(f"- `{run['command']}` ({', '.join(run['stages'])}): {run['minutes']} min; {run['machine']}")

@@ -1,21 +1,22 @@
 """The one command behind results/retrievers.md: `python bench/run_retrievers.py` (the paper's Table 6
 ablation: the learned dense retriever against BM25, and hybrid retrieval beside them).
 
-Stages (each resumable: rag.evaluation run folders under --out; re-running continues, and a changed
-default generator gets new folders, so the file can be refreshed once another reader ships):
+Stages, run in this order and each saved to the JSON and the Markdown as it finishes (each resumable:
+rag.evaluation run folders under --out; re-running continues, and a changed default generator gets new
+folders, so the file can be refreshed once another reader ships):
 - recall: per question set of results/evaluation.md (Wikipedia summaries + Red-Trivia, SQuAD-open, NQ gold
   passages with distractors; development four fifths, positions i % 5 != 4, of each), the hybrid fusion
   is chosen on --tune development questions disjoint from the --recall sample it is then reported on
   (rag.hybrid; stored in the knowledge base as hybrid.json), then recall@1/5/20 of dense, BM25 and both
   hybrid fusions on the sample;
-- em: exact match of RAG-Token (k = 5, greedy) with the default generator (RagConfig().generator,
-  whatever it is when this runs), --cell questions of each recall sample, per retriever;
+- speed: on the default knowledge base, BM25 build time beside dense d(z) encoding, and q/s of each
+  retriever at batch 64 (best of --repeats, the retrievers alternating);
 - fever: Climate-FEVER (../shared/data) claims over its evidence sentences, SUPPORTS/REFUTES claims of the
   development positions: evidence recall@k (a gold SUPPORTS/REFUTES evidence sentence retrieved) and the
   zero-shot (untrained) label accuracy of the default generator (rag eval's classification: one-token
   labels true/false), dense against BM25;
-- speed: on the default knowledge base, BM25 build time beside dense d(z) encoding, and q/s of each
-  retriever at batch 64 (best of --repeats, the retrievers alternating).
+- em: exact match of RAG-Token (k = 5, greedy) with the default generator (RagConfig().generator,
+  whatever it is when this runs), --cell questions of each recall sample, per retriever.
 JSON goes to --out/run_retrievers.json, Markdown to --results (bench/retrievers_report.py).
 """
 
@@ -67,7 +68,7 @@ from rag.retriever import BM25Retriever, HybridRetriever, Retriever
 from rag.store import PassageStore
 from rag.tasks import FEVER_2WAY, Example, split_reserved
 
-STAGES = ("recall", "em", "fever", "speed")
+STAGES = ("recall", "speed", "fever", "em")  # the order they run in
 RECALL_KS = (1, 5, 20)
 
 
@@ -295,10 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "run_retrievers.json"
-    report: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
     command = "python bench/run_retrievers.py" + ("" if not argv else " " + " ".join(argv))
     if args.report_only:
-        atomic_write_text(Path(args.results), markdown(report))
+        atomic_write_text(Path(args.results), markdown(json.loads(json_path.read_text(encoding="utf-8"))))
         return 0
     started, load = time.perf_counter(), os.getloadavg()[0]
     torch.set_grad_enabled(False)
@@ -316,28 +316,35 @@ def main(argv: list[str] | None = None) -> int:
     if {"em", "fever"} & set(stages):
         config = replace(RagConfig().generator, dtype=generator_dtype(args.dtype, "cpu"))
         generator = load_generator(config, "cpu")
+
+    def save(key: str, value: Any) -> None:
+        """Merge one stage's (or set's) result into the JSON and the Markdown at once, so an interrupted
+        run keeps what it finished; other stages written meanwhile by another run stay."""
+        latest = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+        if key == "em":  # set by set
+            value = {**latest.get("em", {}), **value}
+        latest[key] = value
+        latest["bm25_builds"] = {name: bm25_meta(kb).get("build_seconds") for name, kb in kbs.items()}
+        atomic_write_text(json_path, json.dumps(latest, indent=2, default=str))
+        atomic_write_text(Path(args.results), markdown(latest))
+
+    # cheapest first: recall and speed decide the targets; exact match costs generation time
     if "recall" in stages:
-        report["recall"] = {name: recall_stage(name, kb, sets[name], encoder, args) for name, kb in kbs.items()}
-    if "em" in stages:
-        report["em"] = {name: em_stage(name, kb, sets[name], encoder, generator, args) for name, kb in kbs.items()}
-    if "fever" in stages:
-        report["fever"] = fever_stage(data, encoder, generator, args)
+        save("recall", {name: recall_stage(name, kb, sets[name], encoder, args) for name, kb in kbs.items()})
     if "speed" in stages:
-        report["speed"] = speed_stage(wiki, sets["wiki"], encoder, args)
-    report["bm25_builds"] = {name: bm25_meta(kb).get("build_seconds") for name, kb in kbs.items()}
+        save("speed", speed_stage(wiki, sets["wiki"], encoder, args))
+    if "fever" in stages:
+        save("fever", fever_stage(data, encoder, generator, args))
+    if "em" in stages:
+        for name, kb in kbs.items():
+            save("em", {name: em_stage(name, kb, sets[name], encoder, generator, args)})
     minutes = (time.perf_counter() - started) / 60
-    report.setdefault("runs", []).append({
-        "command": command, "stages": stages, "minutes": round(minutes, 1),
-        "machine": f"{args.threads} torch thread(s), {os.cpu_count()} CPUs, shared with a reader-training job and "
-                   f"other helpers' work; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-    })  # fmt: skip
-    report["args"] = vars(args)
-    if json_path.is_file():  # another run may have written other stages meanwhile: replace only ours
-        latest = json.loads(json_path.read_text(encoding="utf-8"))
-        mine = {key: report[key] for key in [*stages, "bm25_builds", "args"]}
-        report = {**latest, **mine, "runs": [*latest.get("runs", []), report["runs"][-1]]}
-    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
-    atomic_write_text(Path(args.results), markdown(report))
+    run = {"command": command, "stages": stages, "minutes": round(minutes, 1),
+           "machine": f"{args.threads} torch thread(s), {os.cpu_count()} CPUs, shared with a reader-training job and "
+                      f"other helpers' work; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"}  # fmt: skip
+    latest = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    save("runs", [*latest.get("runs", []), run])
+    save("args", vars(args))
     log(f"wrote {args.results} and {json_path} in {minutes:.1f} min")
     return 0
 
