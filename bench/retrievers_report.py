@@ -92,7 +92,9 @@ def _em_section(em: dict[str, Any]) -> list[str]:
         lines.append(f"| {LABELS[label]} | " + " | ".join(cells) + " |")
     lines.append("")
     fusions = "; ".join(f"{NAMES[s].split(' (')[0]}: {_fusion(v['fusion'])}" for s, v in em.items())
-    return lines + [f"Hybrid fusions used: {fusions}.", ""]
+    missing = [NAMES[s] for s in NAMES if s not in em]
+    pending = [f"Not run yet: {', '.join(missing)} (`python bench/run_retrievers.py --only em` adds it).", ""] if missing else []
+    return lines + [f"Hybrid fusions used: {fusions}.", ""] + pending
 
 
 def _fever_section(fever: dict[str, Any]) -> list[str]:
@@ -141,6 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
              "development four fifths (positions i % 5 != 4) of each; the reserved fifth is not used.", ""]  # fmt: skip
     for run in runs[-4:]:
         lines.append(f"- `{run['command']}` ({', '.join(run['stages'])}): {run['minutes']} min; {run['machine']}")
+    if not runs:  # the stages were saved by a run still going (each stage is saved as it finishes)
+        lines.append(f"- {report.get('machine_note', 'machine: see the run log')}")
     lines.append("")
     lines += _targets(report)
     if "recall" in report:
