@@ -315,6 +315,25 @@ def test_requests_while_loading_get_503_then_the_answer(served, world_model):
     assert late.status_code == 200
 
 
+def test_rag_serve_refuses_bad_flags_before_loading_anything(capsys, tmp_path):
+    from rag.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            "reachable from other machines: give --api-key": ["--host", "0.0.0.0"],
+            f"cannot listen on 127.0.0.1:{port}": ["--port", str(port)],
+            "--max-batch and --max-queue must be >= 1": ["--max-batch", "0"],
+            "no meta.json": ["--index", str(tmp_path)],
+            "--beams and --max-new-tokens must be >= 1": ["--beams", "0"],
+        }
+        for message, flags in cases.items():
+            assert main(["serve", *flags]) == 2, flags
+            assert message in capsys.readouterr().err, flags
+
+
 # ---------------------------------------------------------------- a live uvicorn process
 
 

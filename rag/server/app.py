@@ -100,6 +100,9 @@ class _State:
             if self.on_failure is not None:
                 self.on_failure()
             return
+        if self.status == "draining":  # the server stopped while the model was loading
+            engine.close()
+            return
         self.served, self.engine, self.status = served, engine, "ready"
         log.info("ready: %s", self.describe_model())
 
@@ -128,7 +131,7 @@ class _State:
     def describe_knowledge_base(self) -> dict[str, Any]:
         assert self.served is not None
         index = self.served.asker.model.retriever.index
-        out: dict[str, Any] = {"passages": len(index), "dim": index.dim}
+        out: dict[str, Any] = {"passages": len(index), "dim": getattr(index, "dim", None)}
         index_dir = self.served.index_dir
         if index_dir is not None:
             out["path"] = str(index_dir)
