@@ -325,9 +325,10 @@ def test_rag_serve_refuses_bad_flags_before_loading_anything(capsys, tmp_path):
         cases = {
             "reachable from other machines: give --api-key": ["--host", "0.0.0.0"],
             f"cannot listen on 127.0.0.1:{port}": ["--port", str(port)],
-            "--max-batch and --max-queue must be >= 1": ["--max-batch", "0"],
+            "--max-batch: must be >= 1": ["--max-batch", "0"],
             "no meta.json": ["--index", str(tmp_path)],
-            "--beams and --max-new-tokens must be >= 1": ["--beams", "0"],
+            "--beams: must be >= 1": ["--beams", "0"],
+            "--min-new-tokens must be in 0..--max-new-tokens": ["--max-new-tokens", "2", "--min-new-tokens", "3"],
         }
         for message, flags in cases.items():
             assert main(["serve", *flags]) == 2, flags

@@ -56,15 +56,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every flag error before any model is loaded or any port is bound."""
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 1 or args.batch_window_ms < 0 or args.timeout <= 0:
-        raise ValueError("--max-batch and --max-queue must be >= 1, --batch-window-ms >= 0, --timeout > 0")
-    if args.max_body_bytes < 1024:
-        raise ValueError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    """The flag errors argparse's types cannot see, before any model is loaded or any port is bound."""
     if not _is_loopback(args.host) and not args.api_key and not args.allow_unauthenticated:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key "
                          "(or --allow-unauthenticated)")  # fmt: skip
