@@ -215,14 +215,17 @@ def _build(
             "IndexConfig.kind 'factory' needs IndexConfig.factory (a FAISS index_factory string)"
         )
     source = open_embeddings(given.path, given.id_column, given.vector_column) if given else None
+    from rag.encoders import load_encoder  # torch and transformers: only when a build encodes
+
+    d_z = load_encoder(encoder, device)
+    # the index settings (a factory string, PQ sizes) against d(z)'s dim before the corpus is read; the
+    # passage count is checked once it is known (IVF needs enough rows to train)
+    check_buildable(index, 1 << 20, d_z.dim)
     fp = fingerprint(corpus, encoder, index, given)
     work = work_dir_for(out_dir, fp)
     store, counts = _passage_store(corpus, work)
     if len(store) == 0:
         raise ValueError(f"{corpus.source}: the corpus has no passages")
-    from rag.encoders import load_encoder  # torch and transformers: only when a build encodes
-
-    d_z = load_encoder(encoder, device)
     check_buildable(index, len(store), d_z.dim)
     shards, reused = [], 0
     if source is None:

@@ -222,8 +222,9 @@ def reference_input_strings(
 def labels_from_targets(target_ids: torch.Tensor, decoder_start: int) -> torch.Tensor:
     """Reference labels (N, 1+T) from targets in our layout (N, T: tokens, eos, pads).
 
-    The reference feeds `labels` unshifted as decoder inputs and scores `labels[:, 1:]`, so labels must
-    begin with the decoder start token for position t to mean p(y_t | y_<t) as in our layout.
+    The reference feeds `labels` unshifted as decoder inputs and scores `labels[:, 1:]`, so labels begin
+    with the token our decoder reads first: decoder_start for generated hypotheses (and T5), bos for
+    BART's training targets, where these labels are exactly generator_tokenizer(target).
     """
     start = torch.full((target_ids.shape[0], 1), decoder_start, dtype=target_ids.dtype)
     return torch.cat([start, target_ids], dim=1)

@@ -98,7 +98,12 @@ def test_loss_with_fixed_doc_scores_equals_transformers(loaded):
     ids, mask = _contexts(loaded)
     gen = loaded.ckpt.generator
     targets = gen.encode_targets(TARGETS)
-    labels = H.labels_from_targets(targets.ids, gen.decoder_start_token_id)
+    if loaded.family == "bart":  # transformers' RAG fine-tuning: labels = generator_tokenizer(target)
+        labels = gen.tokenizer(TARGETS, padding=True, return_tensors="pt")["input_ids"]
+        assert torch.equal(labels, H.labels_from_targets(targets.ids, targets.start))
+    else:  # T5 writes no bos: [decoder_start] + y </s>, as before
+        assert targets.start is None
+        labels = H.labels_from_targets(targets.ids, gen.decoder_start_token_id)
     expected = H.reference_loss(loaded.reference, ids, mask, DOC_SCORES, labels)  # (B,)
 
     batch, docs = DOC_SCORES.shape

@@ -258,3 +258,21 @@ def test_check_output_dir_rules(tmp_path, monkeypatch):
     with pytest.raises(OutputPathError, match="not a folder"):
         check_output_dir(tmp_path / "link", what="thing", is_own=is_own, overwrite=True)
     assert is_knowledge_base(own) is False
+
+
+def test_index_settings_are_refused_before_the_corpus_is_read(tmp_path, encoder, capsys, monkeypatch):
+    """An invalid --factory (or PQ size) was only rejected after the whole corpus had been encoded."""
+    import rag.knowledge as K
+
+    corpus = tmp_path / "docs.jsonl"
+    write_corpus(corpus, docs=4)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the corpus was read before the index settings were checked")
+
+    monkeypatch.setattr(K, "iter_passages", never)
+    for extra, message in ((["--index-type", "factory", "--factory", "NotAnIndex"], "factory string 'NotAnIndex'"),
+                           (["--index-type", "ivfpq", "--pq", "7"], "not a multiple")):  # fmt: skip
+        assert main(_build_args(corpus, encoder, tmp_path / "kb", *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "kb").exists() and not list(tmp_path.glob(".kb*"))

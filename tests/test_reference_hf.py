@@ -91,12 +91,26 @@ def test_input_layout_is_the_reference_retrievers(setup):
     assert torch.equal(inputs.input_ids, ref_ids[:, :width])
 
 
+def _training_labels(setup: Setup, targets) -> torch.Tensor:
+    """The labels transformers' RAG fine-tuning gives its model. BART: the generator tokenizer's own
+    `<s> y </s>` (labels = generator_tokenizer(target), read from bos); T5 has no bos, and its labels are
+    [decoder_start] + y </s> (the layout the reference scores every target position with)."""
+    if setup.ids.bos is not None:
+        labels = setup.tokenizer(TARGETS, padding=True, return_tensors="pt")["input_ids"]
+        # exactly our training targets behind bos: the same tokens, the same padding
+        assert targets.start == setup.ids.bos
+        assert torch.equal(labels, labels_from_targets(targets.ids, setup.ids.bos))
+        return labels
+    assert targets.start is None
+    return labels_from_targets(targets.ids, setup.ids.decoder_start)
+
+
 @pytest.mark.parametrize("kind", ["token", "sequence"])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 def test_losses_equal_the_reference(setup, kind, epsilon):
     model, ref_ids, ref_mask = _reference(setup, kind, label_smoothing=epsilon)
     targets = setup.ours.encode_targets(TARGETS)
-    labels = labels_from_targets(targets.ids, setup.ids.decoder_start)
+    labels = _training_labels(setup, targets)
     expected = reference_loss(model, ref_ids, ref_mask, setup.scores, labels)  # (B,)
 
     with torch.no_grad():
@@ -118,13 +132,33 @@ def test_losses_equal_the_reference(setup, kind, epsilon):
         torch.testing.assert_close(out.nll, expected, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+def test_bart_training_reads_the_tokenizers_labels_not_the_decoder_start(setup, kind):
+    """The defect: training targets started from decoder_start_token_id, while transformers' RAG
+    fine-tuning (labels = generator_tokenizer(target)) starts from <s>; the losses differed by up to 9%.
+    Decoding is untouched: generated hypotheses are still read from decoder_start (rescoring equals the
+    reference's generate, tests below)."""
+    if setup.ids.bos is None:
+        pytest.skip("T5 has no bos: its labels are the generation layout, unchanged")
+    model, ref_ids, ref_mask = _reference(setup, kind)
+    targets = setup.ours.encode_targets(TARGETS)
+    as_trained = reference_loss(model, ref_ids, ref_mask, setup.scores, _training_labels(setup, targets))
+    from_start = reference_loss(model, ref_ids, ref_mask, setup.scores,
+                                labels_from_targets(targets.ids, setup.ids.decoder_start))  # fmt: skip
+    with torch.no_grad():
+        ours = RagModel(None, None, setup.ours, kind, K).score_passages(QUESTIONS, TARGETS, PASSAGES, setup.scores)
+    torch.testing.assert_close(ours.nll, as_trained, rtol=1e-6, atol=1e-5)
+    assert (ours.nll - from_start).abs().max() > 0.05  # the old layout is measurably another loss
+
+
 def test_one_token_targets_are_where_we_differ(setup):
     """The reference adds log p(z|x) at the second target position, so a target that is only eos loses
     the prior; ours keeps it (the paper's eq. 1). Both are pinned here against a hand computation."""
     model, ref_ids, ref_mask = _reference(setup, "sequence")
     targets = setup.ours.encode_targets([""] * len(QUESTIONS))  # eos only
     assert targets.mask.sum(1).tolist() == [1] * len(QUESTIONS)
-    labels = labels_from_targets(targets.ids, setup.ids.decoder_start)
+    start = setup.ids.decoder_start if targets.start is None else targets.start  # BART's training: <s>
+    labels = labels_from_targets(targets.ids, start)
     reference = reference_loss(model, ref_ids, ref_mask, setup.scores, labels)
     with torch.no_grad():
         rag = RagModel(None, None, setup.ours, "sequence", K)

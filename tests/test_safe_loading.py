@@ -208,6 +208,7 @@ def test_task_and_corpus_files_that_are_pickles_never_run(tmp_path):
 
 def test_knowledge_base_files_that_are_pickles_never_run(tmp_path):
     from rag.knowledge import build_knowledge_base, open_knowledge_base
+    from rag.manifest import IntegrityError, write_manifest
 
     encoder = tiny_sentence_transformers_dir(tmp_path / "enc", seed=3)
     write_corpus(tmp_path / "docs.jsonl", docs=6)
@@ -219,7 +220,10 @@ def test_knowledge_base_files_that_are_pickles_never_run(tmp_path):
         kb = tmp_path / f"kb-{name.replace('/', '-')}"
         build_knowledge_base(*config, kb, progress=False)
         plant(kb / name, marker, how=how)
-        assert_refused(marker, open_knowledge_base, kb)
+        first = assert_refused(marker, open_knowledge_base, kb)
+        assert name == "meta.json" or isinstance(first, IntegrityError)  # the manifest catches it first
+        write_manifest(kb)  # recorded as if the build wrote it: the loader itself must refuse it too
+        assert not isinstance(assert_refused(marker, open_knowledge_base, kb), IntegrityError)
 
 
 def test_training_checkpoint_and_eval_files_that_are_pickles_never_run(tmp_path):
@@ -290,3 +294,30 @@ def test_no_unsafe_load_anywhere_in_rag():
     assert len(files) > 20
     problems = [p for f in files for p in unsafe_loads(f.read_text(encoding="utf-8"), str(f.relative_to(RAG.parent)))]
     assert problems == []
+
+
+def test_given_embeddings_lora_deltas_and_bm25_files_that_are_pickles_never_run(tmp_path):
+    from rag.bm25 import BM25Index
+    from rag.lora import DELTA_FORMAT, META_FILE, WEIGHTS_FILE, read_delta
+    from rag.vectors import open_embeddings
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    for name, how in (("vectors.npy", "npy"), ("vectors.parquet", "pickle"), ("vectors.arrow", "pickle")):
+        assert_refused(marker, open_embeddings, plant(tmp_path / name, marker, how=how))
+    delta = tmp_path / "delta"
+    plant(delta / WEIGHTS_FILE, marker)
+    from rag.lora import sha256_file
+
+    (delta / META_FILE).write_text(json.dumps({"format": DELTA_FORMAT, "spec": {}, "base": {},
+                                               "sha256": sha256_file(delta / WEIGHTS_FILE)}))  # fmt: skip
+    assert_refused(marker, read_delta, delta)  # even with a matching sha256, safetensors reads no pickle
+    bm25 = tmp_path / "bm25"
+    for name in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy"):
+        plant(bm25 / name, marker, how="npy")
+    from rag.bm25 import FORMAT as BM25_FORMAT
+    from rag.config import BM25Config, to_dict
+
+    (bm25 / "bm25.json").write_text(json.dumps({"format": BM25_FORMAT, "config": to_dict(BM25Config()),
+                                                "passages": 1, "terms": 1}))  # fmt: skip
+    error = assert_refused(marker, BM25Index.load, bm25)
+    assert "format" not in str(error)  # refused for its arrays, not for a wrong marker file

@@ -40,9 +40,13 @@ Refinements (implementation notes, binding too):
   row on its prefix row (beam search inside one (question, passage) group) shares the tensors that
   depend only on the prefix (seq2seq: encoder output, its mask, the cross-attention cache) and
   selects only the self-attention cache.
-- Seq2seq targets: the decoder reads [decoder_start_token_id] + ids[:, :-1], exactly what transformers'
-  RagTokenForGeneration / RagSequenceForGeneration do with labels = [decoder_start] + ids (they feed
-  labels as decoder input and score labels shifted left): `gen.decoder_start_token_id`.
+- Seq2seq targets: the decoder reads [start] + ids[:, :-1], where start is TargetBatch.start or else
+  `gen.decoder_start_token_id`. transformers' RagTokenForGeneration / RagSequenceForGeneration feed
+  labels as decoder input and score them shifted left: given labels = [decoder_start] + ids (generated
+  hypotheses, which decoding rescores) they read decoder_start first; given the generator tokenizer's
+  labels <s> y </s> (their fine-tuning; BART) they read bos. encode_targets gives training targets
+  start = `gen.label_start_token_id` (bos where the tokenizer writes one, else None), so training
+  optimises what a released BART RAG checkpoint was trained on; T5 (no bos) is unchanged.
 - Causal targets: the prompt ends where the target starts (left padding). Without a chat template the
   target is tokenised with a leading space (the prompt ends with "Answer:"); with one, eos is the
   template's end-of-turn token (SmolLM2: <|im_end|>). Decode generated ids with
@@ -76,9 +80,13 @@ class GeneratorInputs:
 class TargetBatch:
     ids: Tensor  # (N, T) long, eos appended, right-padded with pad_token_id
     mask: Tensor  # (N, T) bool, True on real tokens (eos included)
+    # seq2seq: the token the decoder reads before ids[:, 0] when these targets are teacher-forced; None:
+    # the model's decoder_start_token_id. Training targets of a tokenizer that writes bos (BART) start
+    # from bos, as transformers' RAG fine-tuning does with labels = generator_tokenizer(target).
+    start: int | None = None
 
     def select(self, rows: Tensor) -> TargetBatch:
-        return TargetBatch(self.ids.index_select(0, rows), self.mask.index_select(0, rows))
+        return TargetBatch(self.ids.index_select(0, rows), self.mask.index_select(0, rows), self.start)
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,8 @@ class Generator(nn.Module):
 
     family: Literal["seq2seq", "causal"]
 
+    label_start_token_id: int | None = None  # see TargetBatch.start (seq2seq sets it)
+
     def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig) -> None:
         super().__init__()
         self.model = model
@@ -235,7 +245,7 @@ class Generator(nn.Module):
         for n, s in enumerate(seqs):
             ids[n, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[n, : len(s)] = True
-        return TargetBatch(ids.to(self.device), mask.to(self.device))
+        return TargetBatch(ids.to(self.device), mask.to(self.device), self.label_start_token_id)
 
     def decode(self, ids: list[int] | Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -33,6 +33,11 @@ class Seq2SeqGenerator(Generator):
         super().__init__(model, tokenizer, config)
         self.decoder_start_token_id: int = int(model.config.decoder_start_token_id)
         self.input_prefix: str = getattr(model.config, "prefix", None) or ""
+        # A tokenizer that writes bos before a text (BART's <s> y </s>): training targets start from bos,
+        # as transformers' RAG fine-tuning reads labels = generator_tokenizer(target) (TargetBatch.start)
+        bos = tokenizer.bos_token_id
+        written = tokenizer("x", add_special_tokens=True)["input_ids"]
+        self.label_start_token_id = int(bos) if bos is not None and written and written[0] == bos else None
 
     def format_text(self, question: str, title: str | None, text: str | None) -> str:
         """transformers' RagRetriever.postprocess_docs (cat_input_and_doc), character for character."""
@@ -61,7 +66,8 @@ class Seq2SeqGenerator(Generator):
 
     def target_logits(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         assert prefix.hidden is not None
-        start = targets.ids.new_full((targets.ids.shape[0], 1), self.decoder_start_token_id)
+        first = self.decoder_start_token_id if targets.start is None else targets.start
+        start = targets.ids.new_full((targets.ids.shape[0], 1), first)
         decoder_input = torch.cat([start, targets.ids[:, :-1]], dim=1)  # (N, T)
         out = self._decode_forward(
             prefix.hidden.index_select(0, rows),
