@@ -111,7 +111,17 @@ def train_config(run: Run, kb: Path) -> Any:
     )  # fmt: skip
 
 
-def train(name: str, threads: int, stop_after: int | None) -> None:
+def _report(step: int, record: dict[str, Any]) -> None:
+    """Print the step's record with the process's memory, after handing freed heap back to the system:
+    glibc keeps it otherwise, and the run grew to 8 GB of RSS (OOM-killed beside other jobs)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_gb = int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**30
+    print(json.dumps({"step": step, **record, "rss_gb": round(rss_gb, 2)}), flush=True)
+
+
+def train(name: str, threads: int, until: int | None) -> None:
     import torch
 
     from rag.model import RagModel
@@ -123,11 +133,13 @@ def train(name: str, threads: int, stop_after: int | None) -> None:
     config = train_config(run, Path(summary["kb"]))
     out = OUT / "runs" / name
     resume = (out / "checkpoint").is_dir()
+    done = json.loads((out / "checkpoint" / "config.json").read_text())["step"] if resume else 0
+    stop_after = None if until is None else max(0, until - done)
     model = RagModel.from_config(config.rag)
     examples = training_examples(OUT / "data", run.seed)
     started = time.perf_counter()
     result = run_training(model, examples, config, dev_examples(), out, resume=resume, progress=False,
-                          stop_after=stop_after, on_step=lambda step, r: print(json.dumps({"step": step, **r}), flush=True))  # fmt: skip
+                          stop_after=stop_after, on_step=_report)  # fmt: skip
     print(json.dumps({"run": name, "steps": result.steps, "seconds_this_call": time.perf_counter() - started,
                       "threads": threads}), flush=True)  # fmt: skip
 
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=["data", "train", "export"])
     parser.add_argument("--run", default="main", choices=sorted(RUNS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--until", type=int, default=None, help="train up to this step (an ablation's 100)")
     args = parser.parse_args(argv)
     if args.stage == "data":
         from reader_data import build
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build(OUT / "data", k=RUNS["main"].k), indent=2))
         write_training_ids(OUT / "data")
     elif args.stage == "train":
-        train(args.run, args.threads, args.stop_after)
+        train(args.run, args.threads, args.until)
     elif args.stage == "export":
         from rag.reader import READER_DIR
 

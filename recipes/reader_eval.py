@@ -57,7 +57,7 @@ def dev_cells(data: Path) -> dict[str, list[Example]]:
         first = sample(examples, 100)
         seen = {e.id for e in first}
         more = [e for e in sample(examples, 1000) if e.id not in seen]
-        cells[name] = first + more[: CELL - len(first)]
+        cells[name] = (first + more)[:CELL]
     return cells
 
 
