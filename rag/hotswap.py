@@ -28,7 +28,6 @@ import torch
 from rag.config import DecodingConfig
 from rag.corpus import Passage
 from rag.decoding import generate as decoding_generate
-from rag.io import atomic_path
 from rag.tasks import Example
 
 if TYPE_CHECKING:
@@ -144,14 +143,6 @@ def rewrite_summaries(
         new["extract"] = rewrite_text(entry["extract"], facts)
         out[key] = new
     return out
-
-
-def write_corpus_jsonl(summaries: Mapping[str, Mapping[str, str]], path: Path) -> int:
-    """The summaries as a JSON Lines corpus ({title, text}, same order as the built-in reader)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for key, entry in summaries.items():
-            f.write(json.dumps({"title": entry.get("title", key), "text": entry["extract"]}) + "\n")
-    return len(summaries)
 
 
 # ------------------------------------------------------------------------------ swapping the index

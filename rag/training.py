@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from rag.config import DecodingConfig, TrainConfig
 from rag.counterfactual import SubstitutePool, Substitution
@@ -314,6 +313,3 @@ def _emit(log: Any, bar: Any, step: int, record: dict[str, float],
     if on_step is not None:
         on_step(step, record)
 
-
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -217,6 +217,11 @@ def test_cli_train_resume_and_plot(world, tmp_path, capsys):
     assert json.loads((evaluated / "rag-token-k4" / "metrics.json").read_text())["n"] == 4
     png = tmp_path / "curves.png"
     assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(png)]) == 0
+    before = png.read_bytes()
+    assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(png)]) == 2  # an existing file
+    assert "--overwrite replaces it" in capsys.readouterr().err and png.read_bytes() == before
+    assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(run / "log.jsonl")]) == 2
+    assert cli_main(["train", "plot", str(run / "log.jsonl"), "--out", str(png), "--overwrite"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     assert cli_main([*common[:2], str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2

@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="train_command")
     plot = sub.add_parser("plot", help="draw a run's curves (loss, lr, grad norm, p(z|x) entropy, dev) to a PNG")
     plot.add_argument("log", help="the run's log.jsonl")
-    plot.add_argument("--out", dest="png", required=True, help="PNG file to write")
+    plot.add_argument("--out", dest="png", required=True, help="PNG file to write (an existing file: --overwrite)")
+    plot.add_argument("--overwrite", action="store_true", help="replace the file at --out")
     plot.set_defaults(func=run_plot)
 
 
@@ -146,6 +147,12 @@ CURVES = (
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    path = Path(args.log)
+    png = Path(args.png)
+    if png.resolve() == path.resolve():
+        raise ValueError(f"--out {png} is the log itself; give a .png file")
+    if (png.exists() or png.is_symlink()) and not (args.overwrite and png.is_file()):
+        raise ValueError(f"{png}: exists; --overwrite replaces it" if png.is_file() else f"{png}: exists and is not a file")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +160,6 @@ def run_plot(args: argparse.Namespace) -> int:
 
     from rag.io import atomic_path
 
-    path = Path(args.log)
     records = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
