@@ -40,7 +40,7 @@ reader: $(STAMP)
 	$(BIN)/python recipes/reader.py data
 	$(BIN)/python recipes/reader.py train --run main
 	$(BIN)/python recipes/reader.py export --run main
-	$(BIN)/rag train plot bench/out/reader/runs/main/log.jsonl --out results/reader-curves.png
+	$(BIN)/rag train plot bench/out/reader/runs/main/log.jsonl --out results/reader-curves.png --overwrite
 	for run in no-counterfactual frozen-q sequence; do $(BIN)/python recipes/reader.py train --run $$run --until 100 || exit 1; done
 	$(BIN)/python recipes/reader_eval.py --final
 
