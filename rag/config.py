@@ -349,6 +349,12 @@ class TrainConfig(Validated):
     # The share of training examples whose retrieved passages are rewritten to state another answer of
     # the same type, which becomes the target (rag.counterfactual; knowledge conflicts).
     counterfactual_rate: float = 0.0
+    # Classification as generation (the paper's FEVER setup, sec 3.4): each target is its label's one-token
+    # string, scored without the end token, so the loss is -log p(label | x) and RAG-Sequence and
+    # RAG-Token train identically. None: ordinary targets ending with the end token.
+    labels: LabelSet | None = None
+    # The paper's BART baseline: the generator alone learns from (x, y), nothing retrieved.
+    closed_book: bool = False
 
 
 EvalMode = Literal["rag", "closed-book", "retrieval-only"]

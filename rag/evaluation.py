@@ -34,7 +34,7 @@ from rag import metrics as MT
 from rag.config import EvalConfig, MetricKind
 from rag.eval_store import check_run, drop_torn_line, is_eval_run, read_predictions, run_identity
 from rag.io import atomic_write_text, check_output_dir, output_lock, remove_stale_temps_in
-from rag.tasks import Example
+from rag.tasks import CLASSIFICATION_LABELS, Example
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ class EvalResult:
 
 def metric_for_task(fmt: str) -> MetricKind:
     """The paper's metric for a rag.tasks reader name."""
-    return {"fever": "classification", "msmarco": "generation", "jeopardy": "question-generation"}.get(
-        fmt, "qa"
-    )
+    if fmt in CLASSIFICATION_LABELS:
+        return "classification"
+    return {"msmarco": "generation", "jeopardy": "question-generation"}.get(fmt, "qa")
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -124,19 +124,23 @@ def _first_logprobs(gen: Any, prefix: Any) -> torch.Tensor:
 
 def _classify(gen: Any, questions: list[str], passages: list[list[tuple[str, str]]] | None,
               doc_scores: torch.Tensor, config: EvalConfig) -> list[dict[str, Any]]:
-    """The paper's FEVER setting: each label is a one-token target; RAG-Sequence and RAG-Token agree."""
+    """The paper's FEVER setting: each label is a one-token target; RAG-Sequence and RAG-Token agree.
+    passages=None (closed book): one row per claim, doc_scores (B, 1) zeros."""
     from rag.marginalize import class_logprobs
 
-    ids = config.labels.token_ids(lambda t: gen.tokenizer(t, add_special_tokens=False)["input_ids"])
+    # the label's token as training teaches it (gen.target_ids: " true" after a causal "Answer:")
+    ids = config.labels.token_ids(gen.target_ids)
     label_ids = torch.tensor([ids[t] for t in config.labels.targets], device=gen.device)
     prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
     first = _first_logprobs(gen, prefix).view(len(questions), doc_scores.shape[1], -1)  # (B, K, V)
     prior = torch.log_softmax(doc_scores.float(), dim=1)  # (B, K)
-    probs = class_logprobs(first, prior, label_ids, config.kind).exp()  # (B, C)
+    logprobs = class_logprobs(first, prior, label_ids, config.kind)  # (B, C)
     out = []
-    for row in probs.tolist():
+    for row in logprobs.tolist():
         best = max(range(len(row)), key=row.__getitem__)
-        out.append({"prediction": config.labels.labels[best], "class_probs": [round(p, 6) for p in row]})
+        # log-probabilities too: the RAG-Sequence = RAG-Token check compares them beyond 6 decimals
+        out.append({"prediction": config.labels.labels[best], "class_probs": [round(math.exp(p), 6) for p in row],
+                    "class_logprobs": row})  # fmt: skip
     return out
 
 
@@ -229,7 +233,9 @@ def _run_batch(batch: list[Example], runs: list[_Run], retriever: Any, generator
 def _records(batch: list[Example], config: EvalConfig, got: Any, gen: Any, prefix: Any,
              kmax: int) -> list[dict[str, Any]]:
     records = [_base_record(ex, config) for ex in batch]
-    if config.mode == "closed-book":
+    if config.mode == "closed-book" and config.metric == "classification":  # the label tokens' scores alone
+        generated = _classify(gen, [ex.input for ex in batch], None, torch.zeros(len(batch), 1), config)
+    elif config.mode == "closed-book":
         cb_prefix = gen.encode_prefix(gen.format_inputs([ex.input for ex in batch], None))
         generated = _generate(gen, cb_prefix, torch.zeros(len(batch), 1), config, with_passages=False)
     else:

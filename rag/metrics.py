@@ -9,7 +9,9 @@
   smoothing (a hypothesis with no matching word scores 0); corpus-level for aggregates;
 - ROUGE-L: the rouge-score package's rougeL F-measure (no stemming), maximum over references;
 - Q-BLEU-1 (Nema & Khapra 2018): as github.com/PrekshaNema25/Answerability-Metric computes it;
-- KILT R-precision: as kilt/eval_retrieval.py computes it (maximum over the gold evidence sets).
+- KILT R-precision: as kilt/eval_retrieval.py computes it (maximum over the gold evidence sets);
+- grounded share: the share of generated content words found in the retrieved passages (a factuality
+  proxy, ours: the paper judges factuality by hand).
 """
 
 from __future__ import annotations
@@ -294,6 +296,26 @@ def qbleu(prediction: str, reference: str, weights: QBleuWeights = QBleuWeights(
 
 def qbleu1(prediction: str, reference: str, weights: QBleuWeights = QBleuWeights()) -> float:
     return qbleu(prediction, reference, weights, n=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grounding: a factuality proxy for generated text (the paper's Jeopardy finding, measured by word overlap).
+
+
+def content_words(text: str) -> set[str]:
+    """The distinct content words of `text`: DPR tokens, lower-cased, that hold a letter or digit and are
+    not English function words (Q-BLEU's stop-word list)."""
+    return {w for w in dpr_tokens(text) if any(c.isalnum() for c in w) and w not in QBLEU_STOP_WORDS}
+
+
+def grounded_share(generated: str, passages: Sequence[str]) -> float | None:
+    """The share of the generated text's content words that occur in the passages (title and text as
+    given): how much of what was written the evidence states. None when the text has no content word."""
+    words = content_words(generated)
+    if not words:
+        return None
+    found = set().union(*(content_words(p) for p in passages)) if passages else set()
+    return len(words & found) / len(words)
 
 
 # ---------------------------------------------------------------------------------------------------

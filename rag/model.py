@@ -124,10 +124,12 @@ class RagModel(nn.Module):
         targets: list[str],
         label_smoothing: float = 0.0,
         substitutions: Sequence[Substitution | None] | None = None,
+        end_token: bool = True,
     ) -> RagOutput:
         """The RAG loss of `targets` given `questions` (sec 2.4). substitutions[b] (training only,
         rag.counterfactual): rewrite question b's retrieved passages to state another answer, which
-        becomes its target, when any retrieved passage names the true one."""
+        becomes its target, when any retrieved passage names the true one. end_token=False scores the
+        targets without the end token (one-token class labels: sec 3.4)."""
         # BM25 alone: p(z|x) does not depend on q(x), which is not even computed (nothing to train there)
         weight = self.retriever.query_weight  # 1 dense, 0 BM25, w hybrid
         query = self.encode_questions(questions) if weight > 0 else None  # (B, D), in the graph
@@ -146,7 +148,7 @@ class RagModel(nn.Module):
         passages = _passages(retrieved)
         if substitutions is not None:
             passages, targets = _counterfactual(passages, targets, substitutions)
-        out = self.score_passages(questions, targets, passages, scores, label_smoothing)
+        out = self.score_passages(questions, targets, passages, scores, label_smoothing, end_token)
         return RagOutput(out.loss, out.nll, out.doc_logprior, out.passage_logprob, retrieved, out.target_mask)
 
     def score_passages(
@@ -156,6 +158,7 @@ class RagModel(nn.Module):
         passages: list[list[tuple[str, str]]] | None,
         scores: Tensor | None,
         label_smoothing: float = 0.0,
+        end_token: bool = True,
     ) -> RagOutput:
         """The likelihood of `targets` given passages (title, text) and their scores q(x).d(z) (B, K).
 
@@ -172,7 +175,7 @@ class RagModel(nn.Module):
             scores = torch.zeros(len(questions), 1, device=self.generator.device)
         gen = self.generator
         prefix = gen.encode_prefix(gen.format_inputs(questions, passages))
-        batch = gen.encode_targets(targets)  # (B, T)
+        batch = gen.encode_targets(targets, end=end_token)  # (B, T)
         rows = torch.arange(len(questions) * k, device=batch.ids.device)  # (B*K,)
         logits = gen.target_logits(prefix, rows, _repeat_targets(batch, k))  # (B*K, T, V)
         logits = logits.view(len(questions), k, *logits.shape[1:])  # (B, K, T, V)

@@ -31,7 +31,7 @@ from rag.passage_training import attach_passage_encoder, reindex
 from rag.tasks import Example, read_task
 from rag.train_checkpoint import load_trainer_state, run_folder, save_checkpoint
 
-__all__ = ["DevScores", "Example", "TrainConfig", "TrainResult", "batch_order", "check_trainable", "doc_entropy",
+__all__ = ["DevScores", "Example", "TrainConfig", "TrainResult", "batch_order", "check_labels", "check_trainable", "doc_entropy",
            "draw_substitutions", "evaluate_dev", "lr_factor", "make_optimizer", "read_examples", "train", "train_step"]  # fmt: skip
 
 
@@ -62,6 +62,26 @@ def read_examples(path: Path | str, fmt: str = "open-qa", **options: Any) -> lis
     return examples
 
 
+def check_labels(examples: Sequence[Example], config: TrainConfig, generator: Any) -> None:
+    """Classification training (config.labels): every target is a label's string and one token long under
+    `generator` (a clear error before any work), and the settings that have no meaning there are off."""
+    labels = config.labels
+    if labels is None:
+        return
+    if config.counterfactual_rate > 0:
+        raise ValueError("TrainConfig: counterfactual passages rewrite answers, not class labels; "
+                         "set counterfactual_rate = 0 with labels")  # fmt: skip
+    for target in labels.targets:
+        ids = generator.target_ids(target)
+        if len(ids) != 1:
+            raise ValueError(f"TrainConfig.labels: target {target!r} is {len(ids)} tokens under the generator "
+                             f"({ids}); classification needs one-token labels")  # fmt: skip
+    for example in examples:
+        if example.target not in labels.targets:
+            raise ValueError(f"example {example.id!r} (record {example.position + 1}): field 'target': "
+                             f"{example.target!r} is not one of the label targets {list(labels.targets)}")  # fmt: skip
+
+
 def check_trainable(examples: Sequence[Example], source: str = "training data") -> None:
     """A clear error, before any work, for an example without a target string (regex answers)."""
     for example in examples:
@@ -85,8 +105,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def make_optimizer(model: RagModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trained parts only (frozen ones get requires_grad False), and its schedule."""
     groups = []
-    # With BM25 alone p(z|x) does not depend on q(x) (the paper's BM25 ablation): only the generator learns.
-    query_frozen = config.freeze_query_encoder or model.retriever.query_weight == 0
+    # With BM25 alone p(z|x) does not depend on q(x) (the paper's BM25 ablation): only the generator learns;
+    # closed book, nothing is retrieved.
+    query_frozen = config.freeze_query_encoder or model.retriever.query_weight == 0 or config.closed_book
     parts = [
         (model.query_encoder, query_frozen, config.lr),
         (model.generator, config.freeze_generator, config.lr if config.generator_lr is None else config.generator_lr),
@@ -153,13 +174,19 @@ def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: Tr
     for micro, batch in enumerate(batches):
         substitutions = draw_substitutions(batch, pool, config.counterfactual_rate, config.seed, step, micro)
         rewritten += sum(s is not None for s in substitutions or [])
+        inputs, targets = [e.input for e in batch], [e.target for e in batch]
+        end = config.labels is None  # one-token class labels are scored without the end token
         with torch.autocast(model.generator.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            out = model([e.input for e in batch], [e.target for e in batch], config.label_smoothing, substitutions)
+            if config.closed_book:
+                out = model.score_passages(inputs, targets, None, None, config.label_smoothing, end)
+            else:
+                out = model(inputs, targets, config.label_smoothing, substitutions, end)
         (out.loss / len(batches)).backward()
         loss_sum += out.loss.item() / len(batches)
         entropy += doc_entropy(out.doc_logprior.float().detach()) / len(batches)
-        tokens += int(out.target_mask.sum()) * model.k  # the targets as the forward tokenised them
-        rows.update(out.retrieved.rows.reshape(-1).tolist())
+        tokens += int(out.target_mask.sum()) * out.doc_logprior.shape[1]  # the targets as the forward tokenised them
+        if out.retrieved is not None:
+            rows.update(out.retrieved.rows.reshape(-1).tolist())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -227,6 +254,12 @@ def _train(model: RagModel, train_data: Sequence[Example], config: TrainConfig, 
         raise ValueError(f"training d(z) needs the dense retriever, not {model.retriever.kind!r}")
     if config.train_passage_encoder and model.passage_encoder is None:
         attach_passage_encoder(model, config.rag.index_dir, model.generator.device)
+    check_labels(train_data, config, model.generator)
+    if dev_data and (config.labels is not None or config.closed_book):
+        raise ValueError("dev evaluation during training is RAG decoding's exact match; for classification or "
+                         "closed-book training pass no dev data and score the checkpoint with rag eval")  # fmt: skip
+    if config.closed_book and (config.counterfactual_rate > 0 or config.train_passage_encoder):
+        raise ValueError("TrainConfig.closed_book: nothing is retrieved, so no counterfactual passages and no d(z)")
     attach_lora(model, config)
     optimizer, scheduler = make_optimizer(model, config)
     pool = None

@@ -22,9 +22,10 @@ from tiny_generators import tiny_generator
 
 from rag.answering import Asker, to_json
 from rag.cli import build_parser, main
-from rag.cli.ask import _questions, format_answer
+from rag.cli.ask import _questions, format_answer, plot_path
 from rag.config import DecodingConfig
 from rag.corpus import Passage
+from rag.heatmap import plot_token_posteriors, token_posterior_matrix
 from rag.model import RagModel
 
 PASSAGES = [
@@ -104,6 +105,29 @@ def test_text_and_json_output(parts):
     data = json.loads(to_json(answer))
     assert data["answer"] == answer.answer and data["kind"] == "token" and data["k"] == K
     assert [p["title"] for p in data["passages"]] == [p.title for p in answer.passages]
+
+
+def test_figure_2_heatmap_is_the_answers_token_posteriors(parts, tmp_path):
+    """rag ask --plot: the PNG's matrix is p(z_i|x,y_<=i) with passages as rows and answer tokens as columns."""
+    answer = _asker(parts, "token", beams=1).ask(QUESTION)
+    matrix = token_posterior_matrix(answer)  # (K, T)
+    assert len(matrix) == K and all(len(row) == len(answer.token_ids) for row in matrix)
+    for i, token in enumerate(answer.tokens):
+        assert [row[i] for row in matrix] == token.posterior
+    png = plot_token_posteriors(answer, tmp_path / "fig" / "heatmap.png")
+    from matplotlib.image import imread
+
+    height, width, _ = imread(png).shape
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and width > 300 and height > 200
+    with pytest.raises(ValueError, match="only RAG-Token"):
+        token_posterior_matrix(_asker(parts, "sequence").ask(QUESTION))
+    assert plot_path("out/fig.png", None) == Path("out/fig.png")
+    assert plot_path("out/fig.png", 2) == Path("out/fig-2.png")
+
+
+def test_plot_needs_rag_token_before_any_model_loads(capsys, tmp_path):
+    assert main(["ask", "--kind", "sequence", "--plot", str(tmp_path / "f.png"), "q"]) == 2
+    assert "--kind token" in capsys.readouterr().err and not (tmp_path / "f.png").exists()
 
 
 def test_interactive_reads_questions_until_eof():

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_generators import tiny_bart, tiny_generator, word_tokenizer
+from tiny_generators import tiny_bart, tiny_generator, tiny_short_answer_llama, word_tokenizer
 from transformers import BertConfig, BertModel
 
 from rag.cli import main
@@ -189,6 +189,50 @@ def test_classification_with_one_passage_is_the_softmax_over_label_tokens(retrie
         assert record["prediction"] == predicted
         hits += predicted == claim.label
     assert result.metrics["accuracy"] == hits / 2
+
+
+CLAIMS = [Example("c0", "paris is the capital of france", ("yes",), ("yes",), 0, label="SUPPORTS"),
+          Example("c1", "berlin is a river", ("no",), ("no",), 1, label="REFUTES")]
+# one token each after a space in the tiny byte-level vocabulary (" yes", " no"), not without one
+TWO_WAY = LabelSet(("SUPPORTS", "REFUTES"), ("yes", "no"))
+
+
+def _first_token_probs(gen, texts: list[str], label_ids: list[int]) -> torch.Tensor:
+    """p(label token | prompt) for each prompt, by a plain forward of the causal model (no cache): (R, C)."""
+    rows = []
+    for text in texts:
+        ids = torch.tensor([gen.tokenizer(text)["input_ids"]])
+        rows.append(torch.softmax(gen.model(input_ids=ids).logits[0, -1].float(), -1)[label_ids])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def test_one_token_classes_rag_sequence_equals_rag_token_and_causal_labels_carry_the_space(retriever, tmp_path):
+    """Sec 3.4 on a causal generator with a byte-level tokenizer: the label is the token training teaches
+    after "Answer:" (" yes", not "yes"); RAG-Sequence and RAG-Token give the same class scores; both are
+    sum_z p(z|x) p(label|x,z) renormalised over the labels, computed here by plain forwards."""
+    gen = tiny_short_answer_llama(seed=3)
+    label_ids = [gen.target_ids(t)[0] for t in TWO_WAY.targets]
+    assert label_ids != [gen.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in TWO_WAY.targets]
+    assert [len(gen.target_ids(t)) for t in TWO_WAY.targets] == [1, 1]
+    runs = [(_config(k=2, kind=kind, metric="classification", labels=TWO_WAY), tmp_path / kind)
+            for kind in ("token", "sequence")]  # fmt: skip
+    evaluate_many(CLAIMS, runs, retriever=retriever, generator=gen)
+    token, sequence = (read_predictions(tmp_path / kind / "predictions.jsonl") for kind in ("token", "sequence"))
+    for claim, t, q in zip(CLAIMS, token, sequence, strict=True):
+        np.testing.assert_allclose(t["class_logprobs"], q["class_logprobs"], atol=1e-6)
+        passages = [(p["title"], dict(DOCS)[p["title"]]) for p in t["retrieved"][:2]]
+        texts = gen.format_inputs([claim.input], [passages]).texts
+        joint = torch.tensor(t["doc_prior"])[:, None] * _first_token_probs(gen, texts, label_ids)  # (K, C)
+        want = joint.sum(0) / joint.sum()
+        np.testing.assert_allclose(t["class_probs"], want.numpy(), atol=1e-5)
+        assert t["prediction"] == TWO_WAY.labels[int(want.argmax())]
+    evaluate(CLAIMS, tmp_path / "cb", generator=gen, config=_config(mode="closed-book", metric="classification",
+                                                                    labels=TWO_WAY))  # fmt: skip
+    for claim, record in zip(CLAIMS, read_predictions(tmp_path / "cb" / "predictions.jsonl"), strict=True):
+        want = _first_token_probs(gen, gen.format_inputs([claim.input], None).texts, label_ids)[0]
+        np.testing.assert_allclose(record["class_probs"], (want / want.sum()).numpy(), atol=1e-5)
+        assert record["prediction"] in TWO_WAY.labels and record["accuracy"] == float(record["prediction"] == claim.label)
 
 
 def test_report_has_tables_and_png_plots(retriever, tmp_path):

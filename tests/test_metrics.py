@@ -241,3 +241,13 @@ def test_score_classification_and_retrieval():
     )
     # recall@1 = 1/2, recall@2 = 1; R-precision only for question 1: R = 1, first page B -> 0
     assert retrieval == m.RetrievalScores(n=2, recall={1: 0.5, 2: 1.0}, r_precision=0.0, n_with_provenance=1)
+
+
+def test_grounded_share_counts_distinct_content_words_found_in_the_passages():
+    assert m.content_words("This 16th-century man's theory, the one of Galileo!") == {
+        "16th", "century", "man", "theory", "one", "galileo"}  # fmt: skip
+    passages = ["Galileo Galilei. An astronomer of the 16th century.", "Theory of heliocentrism."]
+    # found: galileo, 16th, century, theory; not found: man, one -> 4 of 6
+    assert m.grounded_share("This 16th-century man's theory, the one of Galileo!", passages) == pytest.approx(4 / 6)
+    assert m.grounded_share("the of and", passages) is None  # no content word
+    assert m.grounded_share("Galileo", []) == 0.0

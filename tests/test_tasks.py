@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 import gzip
+import json
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from rag import tasks
 from rag.tasks import (
+    CLASSIFICATION_LABELS,
+    CLIMATE_FEVER_2WAY,
     FEVER_2WAY,
     FEVER_3WAY,
+    SCIFACT_2WAY,
     LabelSet,
     Provenance,
     SkipReport,
@@ -205,6 +210,91 @@ def test_fever_bad_label_names_line(tmp_path):
     assert_names(err, path, 2, "label")
 
 
+SCIFACT_CSV = """id,claim,evidence_doc_id,evidence_label,evidence_sentences,cited_doc_ids
+0,"Claim zero, with a comma.",,,[],[31715818]
+2,1 in 5 million in UK have abnormal PrP positivity.,13734012,CONTRADICT,[4],[13734012]
+12,Folic acid does not affect CKD progression.,33409100,SUPPORT,[8],[33409100]
+12,Folic acid does not affect CKD progression.,33409100,SUPPORT,[12],[33409100]
+12,Folic acid does not affect CKD progression.,4420,SUPPORT,[1],"[33409100, 4420]"
+"""
+
+
+def test_scifact_one_example_per_claim_with_label_and_gold_abstracts(tmp_path):
+    path = write(tmp_path, "claims_train.csv", SCIFACT_CSV)
+    examples = read_task("scifact", path)
+    assert [(e.id, e.label, e.targets, e.position) for e in examples] == [
+        ("0", "NOT ENOUGH INFO", ("unknown",), 0),  # no evidence row: not enough info
+        ("2", "CONTRADICT", ("false",), 1),
+        ("12", "SUPPORT", ("true",), 2),  # three rows, one claim: positions count claims
+    ]
+    assert examples[0].input == "Claim zero, with a comma." and examples[0].provenance is None
+    assert examples[2].provenance == ((Provenance(passage_id="33409100"),), (Provenance(passage_id="4420"),))
+    report = SkipReport()
+    two_way = read_task("scifact", path, labels=SCIFACT_2WAY, report=report)
+    assert [e.id for e in two_way] == ["2", "12"] and report.filtered == 1
+
+
+def test_scifact_reads_the_export_zip_in_place_and_refuses_its_unlabelled_test_split(tmp_path):
+    archive = tmp_path / "scifact_hf_csv.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("claims_validation.csv", SCIFACT_CSV)
+    assert [e.id for e in read_task("scifact", archive, split="validation")] == ["0", "2", "12"]
+    with pytest.raises(TaskFormatError, match="no claims_train.csv"):
+        read_task("scifact", archive)
+    with pytest.raises(TaskFormatError, match="unlabelled"):
+        read_task("scifact", archive, split="test")
+
+
+def test_scifact_bad_label_and_conflicting_labels_name_the_line(tmp_path):
+    bad = write(tmp_path, "a.csv", SCIFACT_CSV.replace("CONTRADICT", "REFUTES"))
+    with pytest.raises(TaskFormatError) as err:
+        read_task("scifact", bad)
+    assert_names(err, bad, 3, "evidence_label")
+    mixed = write(tmp_path, "b.csv", SCIFACT_CSV.replace("4420,SUPPORT", "4420,CONTRADICT"))
+    with pytest.raises(TaskFormatError, match="conflicting") as err:
+        read_task("scifact", mixed)
+    assert err.value.line == 4  # the claim's first row
+    missing = write(tmp_path, "c.csv", "id,claim\n1,x\n")
+    with pytest.raises(TaskFormatError) as err:
+        read_task("scifact", missing)
+    assert_names(err, missing, 1, "evidence_doc_id")
+
+
+def _climate(claim_id: int, label: str, evidences: list[tuple[str, str]]) -> str:
+    return json.dumps({"claim_id": str(claim_id), "claim": f"claim {claim_id}", "claim_label": label,
+                       "evidences": [{"article": a, "evidence_label": e, "evidence": "s"} for a, e in evidences]})
+
+
+def test_climate_fever_labels_disputed_left_out_and_gold_articles(tmp_path):
+    path = write(tmp_path, "c.jsonl", "\n".join([
+        _climate(0, "SUPPORTS", [("Global warming", "SUPPORTS"), ("Polar bear", "NOT_ENOUGH_INFO"),
+                                 ("Habitat", "SUPPORTS"), ("Global warming", "REFUTES")]),
+        _climate(1, "DISPUTED", [("Sea ice", "REFUTES")]),
+        _climate(2, "NOT_ENOUGH_INFO", [("Sea ice", "NOT_ENOUGH_INFO")]),
+        _climate(3, "REFUTES", [("Sea ice", "REFUTES")]),
+    ]) + "\n")  # fmt: skip
+    report = SkipReport()
+    examples = read_task("climate-fever", path, report=report)
+    assert [(e.id, e.label, e.targets[0], e.position) for e in examples] == [
+        ("0", "SUPPORTS", "true", 0), ("2", "NOT_ENOUGH_INFO", "unknown", 2), ("3", "REFUTES", "false", 3)]
+    assert report.filtered == 1  # DISPUTED has no 3-way label
+    assert examples[0].provenance == ((Provenance(title="Global warming"),), (Provenance(title="Habitat"),))
+    assert examples[1].provenance is None
+    assert [e.id for e in read_task("climate-fever", path, labels=CLIMATE_FEVER_2WAY)] == ["0", "3"]
+    bad = write(tmp_path, "bad.jsonl", _climate(0, "SUPPORTS", []) + "\n" + _climate(1, "MAYBE", []) + "\n")
+    with pytest.raises(TaskFormatError) as err:
+        read_task("climate-fever", bad)
+    assert_names(err, bad, 2, "claim_label")
+
+
+def test_classification_tasks_share_the_one_token_targets():
+    assert set(CLASSIFICATION_LABELS) == {"fever", "scifact", "climate-fever"}
+    for label_set in CLASSIFICATION_LABELS.values():
+        assert label_set.targets == FEVER_3WAY.targets
+    with pytest.raises(ValueError, match="one distinct target per label"):
+        LabelSet(("A", "B"), ("x", "x"))
+
+
 def test_label_sets_map_both_ways():
     assert FEVER_3WAY.target("NOT ENOUGH INFO") == "unknown"
     assert FEVER_3WAY.label_of("  True\n") == "SUPPORTS"
@@ -335,6 +425,9 @@ def test_unknown_format():
         ("fever", "fever/paper_dev.jsonl", {}, 9999),
         ("fever", "fever/paper_dev.jsonl", {"labels": FEVER_2WAY}, 6666),
         ("jeopardy", "jeopardy/jeopardy.csv", {}, 19999),
+        ("scifact", "scifact/scifact_hf_csv.zip", {}, 809),
+        ("scifact", "scifact/scifact_hf_csv.zip", {"split": "validation"}, 300),
+        ("climate-fever", "climate_fever/climate-fever.jsonl", {}, 1381),  # 1,535 less 154 DISPUTED
         ("nq-gold", "nq_open_gold_passages/nq-open-oracle.jsonl.gz", {}, 2655),
         pytest.param(
             "open-qa", "dpr_test_sets/topics.dpr.trivia.test.txt", {}, 11313, marks=pytest.mark.slow

@@ -20,6 +20,7 @@ from rag.config import DecodingConfig
 from rag.metrics import has_answer
 from rag.model import RagModel
 from rag.synthetic import SyntheticConfig, build_world, make_task, write_qa_jsonl
+from rag.tasks import LabelSet
 from rag.train_checkpoint import load_rag_model, read_checkpoint_config
 from rag.training import (
     Example,
@@ -141,6 +142,75 @@ def test_frozen_parts_do_not_change_and_the_index_never_does(world):
         assert np.array_equal(model.retriever.index.embeddings(np.arange(len(index_before))), index_before)
     with pytest.raises(ValueError, match="nothing to train"):
         make_optimizer(RagModel.from_config(rag), _config(rag, freeze_query_encoder=True, freeze_generator=True))
+
+
+def _labelled(task, train_set, n: int = 8) -> tuple[LabelSet, list[Example]]:
+    """Two answer words of the synthetic world as one-token class targets, alternating over n questions."""
+    values = (task.train[0].answer, next(p.answer for p in task.train if p.answer != task.train[0].answer))
+    labels = LabelSet(("A", "B"), values)
+    return labels, [Example.pair(e.input, values[i % 2], id=str(i)) for i, e in enumerate(train_set[:n])]
+
+
+def _step(rag, kind: str, data: list[Example], **changes) -> tuple[float, list[torch.Tensor]]:
+    rag = dataclasses.replace(rag, kind=kind)
+    model = RagModel.from_config(rag)
+    config = _config(rag, lr=0.0, generator_lr=0.0, max_grad_norm=0.0, batch_size=len(data), **changes)
+    optimizer, scheduler = make_optimizer(model, config)
+    record = train_step(model, [data], config, optimizer, scheduler)
+    return record["loss"], [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_one_token_labels_are_scored_alone_and_both_kinds_train_the_same(world):
+    """Sec 3.4: a class is a one-token target without an end token, so eq. 1 and eq. 2 are one loss,
+    -log sum_z p(z|x) p(label|x,z), checked by hand; an ordinary target adds its end token's term."""
+    task, rag, _, train_set, _ = world
+    labels, data = _labelled(task, train_set)
+    token_loss, token_grads = _step(rag, "token", data, labels=labels)
+    sequence_loss, sequence_grads = _step(rag, "sequence", data, labels=labels)
+    assert token_loss == pytest.approx(sequence_loss, rel=1e-6)
+    for a, b in zip(token_grads, sequence_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    model = RagModel.from_config(rag)
+    with torch.no_grad():
+        retrieved = model.retriever.retrieve([e.input for e in data], model.k)
+        passages = [list(zip(t, x, strict=True)) for t, x in zip(retrieved.titles, retrieved.texts, strict=True)]
+        gen = model.generator
+        prefix = gen.encode_prefix(gen.format_inputs([e.input for e in data], passages))
+        first = torch.log_softmax(gen.target_logits(prefix, torch.arange(len(data) * model.k),
+                                                    gen.encode_targets([e.target for e in data for _ in range(model.k)], end=False))[:, 0].float(), -1)  # fmt: skip
+        picked = first[torch.arange(first.shape[0]), [gen.target_ids(e.target)[0] for e in data for _ in range(model.k)]]
+        by_hand = -torch.logsumexp(torch.log_softmax(retrieved.scores, 1) + picked.view(len(data), model.k), 1).mean()
+    assert token_loss == pytest.approx(float(by_hand), rel=1e-5)
+    with_end_token, _ = _step(rag, "token", data)  # without labels: the end token's -log p is added
+    assert with_end_token > token_loss + 1e-3
+
+
+def test_label_training_refuses_targets_outside_the_labels_and_multi_token_labels(world):
+    task, rag, _, train_set, _ = world
+    labels, data = _labelled(task, train_set)
+    model = RagModel.from_config(rag)
+    with pytest.raises(ValueError, match="not one of the label targets"):
+        train(model, [*data, Example.pair("x", "other", id="bad")], _config(rag, steps=1, batch_size=8, labels=labels))
+    two_words = LabelSet(("A", "B"), (labels.targets[0], f"{labels.targets[1]} {labels.targets[0]}"))
+    with pytest.raises(ValueError, match="2 tokens"):
+        train(model, data, _config(rag, steps=1, batch_size=8, labels=two_words))
+    with pytest.raises(ValueError, match="counterfactual"):
+        train(model, data, _config(rag, steps=1, batch_size=8, labels=labels, counterfactual_rate=0.5))
+
+
+def test_closed_book_training_changes_only_the_generator_and_scores_without_passages(world):
+    """The paper's BART row: the generator alone learns from (x, y); q(x) and the index stay as they were."""
+    _, rag, _, train_set, _ = world
+    data = train_set[:8]
+    loss, _ = _step(rag, "token", data, closed_book=True)
+    model = RagModel.from_config(rag)
+    with torch.no_grad():
+        alone = model.score_passages([e.input for e in data], [e.target for e in data], None, None)
+    assert loss == pytest.approx(float(alone.loss), rel=1e-5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, train_set, _config(rag, steps=2, closed_book=True))
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {"generator"}
 
 
 def test_learning_rate_schedule_by_hand():

@@ -4,6 +4,7 @@
     rag ask --kind sequence --beams 4 -k 5 "Who wrote Hamlet?"
     rag ask -i < questions.txt            # one question per line until EOF
     rag ask --json "..."                  # one JSON object per question
+    rag ask --plot fig2.png "..."         # RAG-Token: the per-token posterior heatmap (the paper's Figure 2)
 
 Defaults: the packaged all-MiniLM-L6-v2 as q(x) and d(z), the built-in Wikipedia summaries in a flat
 index, SmolLM2-135M-Instruct as the generator, RAG-Token, k = 5, greedy decoding, and the generator in
@@ -20,6 +21,7 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TextIO
 
 from rag.answering import Answer, to_json
@@ -49,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("questions", nargs="*", help="questions (or -i to read them from stdin)")
     p.add_argument("-i", "--interactive", action="store_true", help="read questions from stdin, one per line")
     p.add_argument("--json", action="store_true", help="one JSON object per question (as rag serve's /v1/answer)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="RAG-Token: draw p(z_i|x,y_<=i) over the answer tokens and the k passages (the paper's "
+                        "Figure 2) to this PNG; with several questions PNG-1.png, PNG-2.png, ...")
     add_model_arguments(p)
     p.add_argument("--width", type=integer(min=20), default=100, help="characters of passage text to show")
     p.set_defaults(func=run)
@@ -71,8 +76,26 @@ def _questions(args: argparse.Namespace, stdin: TextIO) -> Iterator[str]:
 def run(args: argparse.Namespace) -> int:
     if not args.questions and not args.interactive:
         raise ValueError("rag ask: give a question, or -i to read questions from stdin")
+    needs_token = "rag ask --plot draws RAG-Token's per-token posteriors: use --kind token"
+    if args.plot and args.kind == "sequence":
+        raise ValueError(needs_token)
     asker = load_asker(args)
-    for question in _questions(args, sys.stdin):
+    if args.plot and asker.model.kind != "token":  # a checkpoint's own kind
+        raise ValueError(needs_token)
+    several = args.interactive or len(args.questions) > 1
+    for number, question in enumerate(_questions(args, sys.stdin), start=1):
         answer = asker.ask(question)
         print(to_json(answer) if args.json else format_answer(answer, args.width) + "\n", flush=True)
+        if args.plot:
+            from rag.heatmap import plot_token_posteriors
+
+            path = plot_path(args.plot, number if several else None)
+            plot_token_posteriors(answer, path)
+            print(f"figure: {path}", file=sys.stderr, flush=True)
     return 0
+
+
+def plot_path(plot: str, number: int | None) -> Path:
+    """--plot PNG for one question; PNG-<n>.png for the n-th of several."""
+    path = Path(plot)
+    return path if number is None else path.with_name(f"{path.stem}-{number}{path.suffix or '.png'}")

@@ -30,7 +30,7 @@ from rag.config import DEFAULT_GENERATOR, DecodingConfig, GeneratorConfig
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model or baseline on a task (predictions, metrics, report)")
-    p.add_argument("--task", help="task format: a rag.tasks reader (nq-open, dpr-qa, squad-open, fever, ...)")
+    p.add_argument("--task", help="task format: a rag.tasks reader (nq-open, dpr-qa, squad-open, jeopardy, fever, scifact, climate-fever, ...)")
     p.add_argument("--data", help="the task's data file or folder")
     p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     p.add_argument("--part", choices=["all", "dev", "reserved"], default="all",
@@ -167,6 +167,7 @@ def run_name(mode: str, kind: str, decoding: str, k: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from rag.eval_report import write_report
     from rag.evaluation import EvalConfig, evaluate_many, metric_for_task
+    from rag.tasks import CLASSIFICATION_LABELS, FEVER_3WAY
 
     # the decoding flags together (min <= max) before any work
     DecodingConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         for k in args.k if args.mode == "rag" else args.k[:1]:
             config = EvalConfig(mode=args.mode, kind=kind, k=k, decoding=decoding,
                                 metric=metric_for_task(args.task), batch_size=args.batch_size,
-                                progress=not args.no_progress)
+                                labels=CLASSIFICATION_LABELS.get(args.task, FEVER_3WAY), progress=not args.no_progress)
             runs.append((config, out / run_name(args.mode, kind, dec, k)))
     for result in evaluate_many(examples, runs, retriever=retriever, generator=generator, task=task,
                                 overwrite=args.overwrite):

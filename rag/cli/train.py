@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "input+target or question+answer(s), or a DPR question<TAB>answers file)")
     p.add_argument("--dev", dest="dev_file", help="dev set (same --task): exact match and recall@k per evaluation")
     p.add_argument("--task", default="open-qa",
-                   help="task format of --train and --dev: a rag.tasks reader (open-qa, nq-open, dpr-qa, kilt, ...)")
+                   help="task format of --train and --dev: a rag.tasks reader (open-qa, nq-open, dpr-qa, kilt, jeopardy, ...); "
+                        "fever, scifact, climate-fever train one-token labels (the paper's classification)")
     p.add_argument("--subset", action="append", help="red-trivia: a list name (repeatable)")
     p.add_argument("--out", help="run folder: log.jsonl and checkpoint/")
     add_index_arguments(p)
@@ -63,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--counterfactual-rate", type=number(min=0, max=1), default=0.0,
                    help="share of examples whose retrieved passages state another answer of the same type, "
                         "the new target (knowledge conflicts; rag.counterfactual)")
+    p.add_argument("--closed-book", action="store_true",
+                   help="the paper's BART baseline: the generator alone learns from (input, target), nothing retrieved")
     p.add_argument("--train-passage-encoder", action="store_true",
                    help="optional: train d(z) too (the index is rebuilt every --reindex-every steps and at the end)")
     p.add_argument("--passage-lr", type=NON_NEGATIVE, default=None, help="d(z)'s learning rate (default: --lr)")
@@ -100,7 +103,7 @@ def _lora(rank: int, flag: str) -> LoraSpec | None:
 
 def run(args: argparse.Namespace) -> int:
     from rag.model import RagModel
-    from rag.tasks import read_task
+    from rag.tasks import CLASSIFICATION_LABELS, read_task
     from rag.train_checkpoint import check_run_folder
     from rag.training import TrainConfig, read_examples, train
 
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         reindex_every=args.reindex_every, eval_every=args.eval_every, save_every=args.save_every,
         generator_lora=_lora(args.lora_rank, "--lora-rank"), query_lora=_lora(args.query_lora_rank, "--query-lora-rank"),
         counterfactual_rate=args.counterfactual_rate,
+        labels=CLASSIFICATION_LABELS.get(args.task), closed_book=args.closed_book,
     )  # fmt: skip
     inputs = [f for f in (args.train_file, args.dev_file) if f]
     check_run_folder(args.out, args.resume, args.overwrite, [*inputs, *([args.index] if args.index else [])])

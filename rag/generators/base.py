@@ -10,8 +10,10 @@ its j-th passage. Closed-book use passes K = 1 and no passage.
     gen.format_inputs(questions: list[str], passages: list[list[tuple[str, str]]] | None) -> GeneratorInputs
         passages[b][j] = (title, text). Seq2seq: "title / text // question" (released RAG layout).
         Causal: a prompt holding passage and question (chat template where the model has one).
-    gen.encode_targets(targets: list[str]) -> TargetBatch
-        ids (N, T) with eos appended, right-padded with pad_token_id; mask (N, T) bool.
+    gen.encode_targets(targets: list[str], end: bool = True) -> TargetBatch
+        ids (N, T) with eos appended (unless end=False), right-padded with pad_token_id; mask (N, T) bool.
+    gen.target_ids(text: str) -> list[int]
+        The ids one target is taught as, without the end token (one-token class labels check this).
     gen.encode_prefix(inputs: GeneratorInputs) -> Prefix
         Runs the part that depends only on (x, z) once: the seq2seq encoder, or the causal prompt
         (prefill, key/value cache). Gradients flow when called under grad.
@@ -232,13 +234,18 @@ class Generator(nn.Module):
         """One (question, passage) input; a family that must fit a length budget overrides this."""
         return self.format_text(question, title, text)
 
-    def encode_targets(self, targets: list[str]) -> TargetBatch:
-        limit = self.generator_config.max_target_tokens - 1
-        seqs = [
-            self.tokenizer(self._target_text(t), add_special_tokens=False)["input_ids"][:limit]
-            + [self.eos_token_id]
-            for t in targets
-        ]
+    def target_ids(self, text: str) -> list[int]:
+        """The token ids a target string is taught as, without the end token (a causal prompt ends with
+        "Answer:", so its targets start with a space: " true" is another token than "true")."""
+        return self.tokenizer(self._target_text(text), add_special_tokens=False)["input_ids"]
+
+    def encode_targets(self, targets: list[str], end: bool = True) -> TargetBatch:
+        """(B, T) target ids and mask; `end` appends the end token (one-token class labels go without it,
+        so that a label is a target of length 1, on which RAG-Sequence and RAG-Token coincide)."""
+        limit = self.generator_config.max_target_tokens - int(end)
+        seqs = [self.target_ids(t)[:limit] + ([self.eos_token_id] if end else []) for t in targets]
+        if not all(seqs):
+            raise ValueError("encode_targets: an empty target without an end token has nothing to score")
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.bool)

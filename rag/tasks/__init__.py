@@ -1,6 +1,6 @@
 """The paper's tasks: one `Example` type and one reader per published format, behind `read_task`.
 
-    examples.py  Example, LabelSet (FEVER), the reserved-split rule         (imports nothing of rag)
+    examples.py  Example, LabelSet (FEVER, SciFact, Climate-FEVER), the reserved-split rule         (imports nothing of rag)
     records.py   record sources, field helpers, TaskFormatError, SkipReport (imports examples)
     readers.py   one reader per format, READERS and read_task               (imports both)
 
@@ -11,10 +11,14 @@ Imports point one way (examples <- records <- readers <- this file), and every p
 from __future__ import annotations
 
 from rag.tasks.examples import (
+    CLIMATE_FEVER_2WAY,
+    CLIMATE_FEVER_3WAY,
     FEVER_2WAY,
     FEVER_3WAY,
     FEVER_ALL_LABELS,
     RED_TRIVIA_GENERAL_LISTS,
+    SCIFACT_2WAY,
+    SCIFACT_3WAY,
     Example,
     LabelSet,
     Provenance,
@@ -22,7 +26,9 @@ from rag.tasks.examples import (
     split_reserved,
 )
 from rag.tasks.readers import (
+    CLASSIFICATION_LABELS,
     READERS,
+    read_climate_fever,
     read_curatedtrec,
     read_dpr_qa,
     read_fever,
@@ -33,23 +39,30 @@ from rag.tasks.readers import (
     read_open_qa,
     read_qa_jsonl,
     read_red_trivia,
+    read_scifact,
     read_squad_open,
     read_task,
 )
 from rag.tasks.records import SkipReport, TaskFormatError
 
 __all__ = [
+    "CLASSIFICATION_LABELS",
+    "CLIMATE_FEVER_2WAY",
+    "CLIMATE_FEVER_3WAY",
     "FEVER_2WAY",
     "FEVER_3WAY",
     "FEVER_ALL_LABELS",
     "READERS",
     "RED_TRIVIA_GENERAL_LISTS",
+    "SCIFACT_2WAY",
+    "SCIFACT_3WAY",
     "Example",
     "LabelSet",
     "Provenance",
     "SkipReport",
     "TaskFormatError",
     "is_reserved",
+    "read_climate_fever",
     "read_curatedtrec",
     "read_dpr_qa",
     "read_fever",
@@ -60,6 +73,7 @@ __all__ = [
     "read_open_qa",
     "read_qa_jsonl",
     "read_red_trivia",
+    "read_scifact",
     "read_squad_open",
     "read_task",
     "split_reserved",

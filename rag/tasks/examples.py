@@ -62,6 +62,12 @@ class LabelSet:
     labels: tuple[str, ...]
     targets: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))  # JSON gives lists
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if len(self.labels) != len(self.targets) or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LabelSet: one distinct target per label, got {self.labels} -> {self.targets}")
+
     def target(self, label: str) -> str:
         return self.targets[self.labels.index(label)]
 
@@ -87,6 +93,14 @@ class LabelSet:
 FEVER_3WAY = LabelSet(("SUPPORTS", "REFUTES", "NOT ENOUGH INFO"), ("true", "false", "unknown"))
 FEVER_2WAY = LabelSet(("SUPPORTS", "REFUTES"), ("true", "false"))
 FEVER_ALL_LABELS = FEVER_3WAY.labels
+# SciFact (Wadden et al. 2020) and Climate-FEVER (Diggelmann et al. 2020) name the same three classes
+# their own way; the one-token targets are FEVER's. Climate-FEVER's fourth label, DISPUTED (evidence
+# both ways), has no target: its claims are left out, as in the 3-way task.
+SCIFACT_3WAY = LabelSet(("SUPPORT", "CONTRADICT", "NOT ENOUGH INFO"), FEVER_3WAY.targets)
+SCIFACT_2WAY = LabelSet(("SUPPORT", "CONTRADICT"), FEVER_2WAY.targets)
+CLIMATE_FEVER_3WAY = LabelSet(("SUPPORTS", "REFUTES", "NOT_ENOUGH_INFO"), FEVER_3WAY.targets)
+CLIMATE_FEVER_2WAY = LabelSet(("SUPPORTS", "REFUTES"), FEVER_2WAY.targets)
+CLIMATE_FEVER_ALL_LABELS = (*CLIMATE_FEVER_3WAY.labels, "DISPUTED")
 
 
 def is_reserved(position: int) -> bool:

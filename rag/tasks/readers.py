@@ -10,7 +10,10 @@ Red-Trivia YAML lists. The record sources, field helpers and error handling they
 from __future__ import annotations
 
 import ast
+import csv
+import io
 import json
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +21,16 @@ from typing import Any
 
 import yaml
 
-from rag.tasks.examples import FEVER_3WAY, FEVER_ALL_LABELS, Example, LabelSet, Provenance
+from rag.tasks.examples import (
+    CLIMATE_FEVER_3WAY,
+    CLIMATE_FEVER_ALL_LABELS,
+    FEVER_3WAY,
+    FEVER_ALL_LABELS,
+    SCIFACT_3WAY,
+    Example,
+    LabelSet,
+    Provenance,
+)
 from rag.tasks.records import (
     BadField,
     SkipReport,
@@ -240,6 +252,125 @@ def read_fever(
     return stream(path, lines(path), parse, skip_bad, report)
 
 
+SCIFACT_LABELS = ("SUPPORT", "CONTRADICT")  # a claim without either has no evidence: NOT ENOUGH INFO
+
+
+def _scifact_claims_file(path: Path, split: str) -> tuple[Path, Callable[[], io.TextIOBase]]:
+    """(name for messages, opener) of the claims CSV: the file itself, claims_{split}.csv in a folder, or
+    that member of the Hugging Face CSV export's zip (read in place, never extracted)."""
+    if path.suffix == ".zip":
+        member = f"claims_{split}.csv"
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == member]
+        if not names:
+            raise TaskFormatError(path, None, "file", f"the zip holds no {member}")
+
+        def opener() -> io.TextIOBase:
+            archive = zipfile.ZipFile(path)
+            return io.TextIOWrapper(archive.open(names[0]), encoding="utf-8", newline="")
+
+        return path / names[0], opener
+    file = path / f"claims_{split}.csv" if path.is_dir() else path
+    return file, lambda: open_text(file)
+
+
+def read_scifact(
+    path: Path | str,
+    *,
+    split: str = "train",
+    labels: LabelSet = SCIFACT_3WAY,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+) -> Iterator[Example]:
+    """SciFact claims (the Hugging Face CSV export: id, claim, evidence_doc_id, evidence_label,
+    evidence_sentences, cited_doc_ids; one row per evidence set, a claim's rows adjacent). `path` is a
+    claims CSV, a folder holding claims_{split}.csv, or the export's zip. One example per claim: its label
+    is the rows' evidence label (SUPPORT / CONTRADICT), NOT ENOUGH INFO where no row has one; its
+    provenance is one evidence set per gold abstract (Provenance.passage_id = the abstract's doc_id).
+    Positions count claims, not rows. The export's test split has no labels (every claim would read as
+    NOT ENOUGH INFO): it is refused."""
+    path = Path(path)
+    if path.suffix != ".csv" and split == "test":
+        raise TaskFormatError(path, None, "split", "SciFact's test claims are unlabelled; use train or validation")
+    file, opener = _scifact_claims_file(path, split)
+
+    def groups() -> Iterator[tuple[int, int, list[dict[str, str]]]]:
+        with opener() as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            for name in ("id", "claim", "evidence_doc_id", "evidence_label"):
+                if name not in header:
+                    raise TaskFormatError(file, 1, name, f"missing from the header {header}")
+            group: list[dict[str, str]] = []
+            position, start, line = 0, 2, 2
+            for row in reader:
+                record = dict(zip(header, row, strict=False)) if len(row) == len(header) else {"_width": str(len(row))}
+                if group and record.get("id") != group[0].get("id"):
+                    yield position, start, group
+                    position, start, group = position + 1, line, []
+                group.append(record)
+                line = reader.line_num + 1
+            if group:
+                yield position, start, group
+
+    def parse(position: int, group: list[dict[str, str]]) -> Example | None:
+        for record in group:
+            if "_width" in record:
+                raise BadField("row", f"expected the header's number of comma-separated fields, got {record['_width']}")
+        claim = group[0]["claim"].strip()
+        if not claim:
+            raise BadField("claim", "empty")
+        found = {r["evidence_label"].strip() for r in group if r["evidence_label"].strip()}
+        if found - set(SCIFACT_LABELS):
+            raise BadField("evidence_label", f"{sorted(found - set(SCIFACT_LABELS))} not one of {list(SCIFACT_LABELS)}")
+        if len(found) > 1:
+            raise BadField("evidence_label", f"claim {group[0]['id']!r} has conflicting labels {sorted(found)}")
+        label = found.pop() if found else "NOT ENOUGH INFO"
+        if label not in labels.labels:
+            return None
+        docs = dict.fromkeys(r["evidence_doc_id"].strip() for r in group if r["evidence_label"].strip())
+        if "" in docs:
+            raise BadField("evidence_doc_id", "empty for a row with an evidence label")
+        target = labels.target(label)
+        return Example(id=group[0]["id"].strip() or str(position), input=claim, targets=(target,),
+                       answers=(target,), position=position, label=label,
+                       provenance=tuple((Provenance(passage_id=d),) for d in docs) or None)  # fmt: skip
+
+    return stream(file, groups(), parse, skip_bad, report)
+
+
+def read_climate_fever(
+    path: Path | str,
+    *,
+    labels: LabelSet = CLIMATE_FEVER_3WAY,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+) -> Iterator[Example]:
+    """Climate-FEVER JSON Lines `{claim_id, claim, claim_label, evidences: [{article, evidence_label, ...}]}`.
+    Claims whose label is outside `labels` (DISPUTED; NOT_ENOUGH_INFO in 2-way) are filtered; provenance
+    is one evidence set per article of a SUPPORTS / REFUTES evidence sentence (Provenance.title)."""
+    path = Path(path)
+
+    def parse(position: int, raw: str) -> Example | None:
+        obj = json_object(raw)
+        label = string_field(obj, "claim_label")
+        if label not in CLIMATE_FEVER_ALL_LABELS:
+            raise BadField("claim_label", f"{label!r} is not one of {list(CLIMATE_FEVER_ALL_LABELS)}")
+        evidences = obj.get("evidences", [])
+        if not isinstance(evidences, list) or not all(isinstance(e, dict) and "article" in e for e in evidences):
+            raise BadField("evidences", f"expected a list of objects with an article, got {evidences!r:.80}")
+        if label not in labels.labels:
+            return None
+        pages = dict.fromkeys(str(e["article"]) for e in evidences if e.get("evidence_label") in ("SUPPORTS", "REFUTES"))
+        target = labels.target(label)
+        ident = obj.get("claim_id")
+        return Example(id=str(ident) if ident is not None else str(position), input=string_field(obj, "claim"),
+                       targets=(target,), answers=(target,), position=position, label=label,
+                       provenance=tuple((Provenance(title=p),) for p in pages) or None)  # fmt: skip
+
+    return stream(path, lines(path), parse, skip_bad, report)
+
+
 # ---------------------------------------------------------------------------------------------------
 # KILT, SQuAD-open, NQ gold passages, Red-Trivia.
 
@@ -403,11 +534,19 @@ READERS: dict[str, Callable[..., Iterator[Example]]] = {
     "msmarco": read_msmarco,
     "jeopardy": read_jeopardy,
     "fever": read_fever,
+    "scifact": read_scifact,
+    "climate-fever": read_climate_fever,
     "kilt": read_kilt,
     "squad-open": read_squad_open,
     "nq-gold": read_nq_gold,
     "red-trivia": read_red_trivia,
 }
+
+
+# The classification tasks (one-token labels, rag.evaluation's classification metric) and the label set
+# each reader uses by default: `rag eval` and `rag train` score and train them with it.
+CLASSIFICATION_LABELS: dict[str, LabelSet] = {"fever": FEVER_3WAY, "scifact": SCIFACT_3WAY,
+                                              "climate-fever": CLIMATE_FEVER_3WAY}  # fmt: skip
 
 
 def read_task(fmt: str, path: Path | str, **options: Any) -> list[Example]:
