@@ -47,7 +47,7 @@ def plot_token_posteriors(answer: Answer, path: Path | str, title_chars: int = 3
     labels = [_token_label(t.token) for t in answer.tokens]
     rows = [f"{p.rank}. {textwrap.shorten(p.title, title_chars, placeholder='...')} (prior {p.prior:.2f})"
             for p in answer.passages]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * len(labels) + 3.5), 0.55 * len(rows) + 2.2))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.42 * len(labels) + 5.0), 0.55 * len(rows) + 2.4))
     image = ax.imshow(matrix, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
@@ -55,9 +55,12 @@ def plot_token_posteriors(answer: Answer, path: Path | str, title_chars: int = 3
         for i, value in enumerate(row):
             ax.text(i, j, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=6,
                     color="white" if value > 0.6 else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="p(z_i | x, y_<=i)")
-    ax.set_title(textwrap.shorten(f"x = {answer.question}  ->  y = {answer.answer}", 110, placeholder="..."),
-                 fontsize=9)  # fmt: skip
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("p(z_i | x, y_<=i)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    shown = [textwrap.shorten(f"x = {answer.question}", 100, placeholder="..."),
+             textwrap.shorten(f"y = {answer.answer}", 100, placeholder="...")]  # fmt: skip
+    ax.set_title("\n".join(shown), fontsize=9, loc="left")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
