@@ -206,7 +206,8 @@ def task_split(task: str, part: str) -> list[Any]:
         examples, covered = jeopardy_examples(data)
         pool = [e for e in split_reserved(examples, "dev" if part == "train" else "reserved") if e.position in covered]
         n = max(r.steps * r.batch_size * r.grad_accum for r in RUNS.values() if r.task == "jeopardy") if part == "train" else JEOPARDY_TEST
-        return sorted(random.Random(f"jeopardy-{part}").sample(pool, min(n, len(pool))), key=lambda e: e.position)
+        random.Random(f"jeopardy-{part}").shuffle(pool)  # a seeded order: a larger n extends a smaller one's sample
+        return pool[:n]
     if task == "scifact":
         return read_task("scifact", data / "scifact" / "scifact_hf_csv.zip", split="train" if part == "train" else "validation")
     examples = read_task("climate-fever", data / "climate_fever" / "climate-fever.jsonl")
@@ -335,7 +336,7 @@ def evaluate_run(name: str) -> None:
     runs = [(config, OUT / "eval" / name / label) for label, config in eval_configs(run).items()]
     log(f"{name}: evaluating {len(runs)} configuration(s) on {len(examples)} test examples")
     for result in evaluate_many(examples, runs, retriever=model.retriever, generator=model.generator,
-                                task={"task": run.task, "part": "test", "n": len(examples)}):  # fmt: skip
+                                task={"task": run.task, "part": "test"}):  # fmt: skip
         log(f"{name}/{result.out_dir.name}: {result.metrics} ({result.timing.total_s:.0f} s)")
 
 
