@@ -77,8 +77,9 @@ class Run:
 
 
 # In the order `all` runs them (train, then evaluate, run by run): the CPU is shared, so what matters most
-# comes first. Sizes are what one core allows in a few hours (recipes/reader.py measured about 18 s per
-# step of 8 examples at k = 3 on an idle core).
+# comes first. Sizes were set from recipes/reader.py's about 18 s per step of 8 examples at k = 3 on an
+# idle core. On a core shared with two reader trainings of higher priority the first scifact-rag steps took
+# 230-630 s of wall time each (the process got a small share of the core): run this when the core is free.
 RUNS: dict[str, Run] = {
     # 60 steps x 8 = 480 of SciFact's 809 training claims, 480 of Climate-FEVER's 1,101 development claims
     "scifact-rag": Run("scifact", steps=60, warmup=6),
@@ -298,12 +299,14 @@ def train(name: str, stop_after: int | None = None) -> None:
     import torch
 
     from rag.model import RagModel
+    from rag.train_checkpoint import is_training_checkpoint
     from rag.training import train as run_training
 
     torch.set_num_threads(1)
     run = RUNS[name]
     out = OUT / "runs" / name
-    resume = (out / "checkpoint").is_dir()
+    # a run killed before its first checkpoint left only its log: it starts over (only the run's own files go)
+    resume = is_training_checkpoint(out / "checkpoint")
     config = train_config(run, start_config(name, run))
     if resume and json.loads((out / "checkpoint" / "config.json").read_text(encoding="utf-8")).get("step", 0) >= run.steps:
         log(f"{name}: already trained ({run.steps} steps)")
@@ -313,7 +316,8 @@ def train(name: str, stop_after: int | None = None) -> None:
     log(f"{name}: training on {len(examples)} examples ({run.steps} steps of {run.batch_size * run.grad_accum})")
     started = time.perf_counter()
     with Clock(f"train:{name}"):
-        result = run_training(model, examples, config, (), out, resume=resume, progress=False, stop_after=stop_after,
+        result = run_training(model, examples, config, (), out, resume=resume, overwrite=not resume, progress=False,
+                              stop_after=stop_after,
                               on_step=lambda step, r: print(json.dumps({"run": name, "step": step, **r}), flush=True))  # fmt: skip
     log(f"{name}: {result.steps} steps, {time.perf_counter() - started:.0f} s this call")
 
