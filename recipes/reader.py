@@ -158,7 +158,7 @@ def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[s
     parts = {"generator": checkpoint / "generator_delta", "query_encoder": checkpoint / "query_encoder_delta"}
     with atomic_dir(folder) as tmp:
         meta: dict[str, Any] = {"format": FORMAT, "prompt": "plain", "generator_base": DEFAULT_GENERATOR,
-                                "query_base": DEFAULT_ENCODER, "source": str(checkpoint), **(info or {})}  # fmt: skip
+                                "query_base": DEFAULT_ENCODER, "source": _shown(checkpoint), **(info or {})}  # fmt: skip
         for name, source in parts.items():
             if not source.is_dir():
                 continue  # q(x) frozen: no delta for it
@@ -169,6 +169,14 @@ def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[s
         meta["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return folder
+
+
+def _shown(path: Path) -> str:
+    """A path as the manifest records it: relative to the checkout (never this machine's layout)."""
+    try:
+        return str(path.absolute().relative_to(ROOT))
+    except ValueError:
+        return path.name
 
 
 def main(argv: list[str] | None = None) -> int:

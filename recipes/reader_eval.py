@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: untrained, reader, ablations, conflicts, hotswap, latency, final")
     parser.add_argument("--final", action="store_true", help="also the reserved fifths (final figures, once)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default=None,
+                        help="comma-separated: only these models in the stages that compare several (e.g. main@100)")
     args = parser.parse_args(argv)
     import torch
 
@@ -226,49 +228,64 @@ def main(argv: list[str] | None = None) -> int:
     kbs, dev = knowledge_bases(data), dev_cells(data)
 
     def save() -> None:
-        atomic_write_text(path, json.dumps(report, indent=2, default=str))
+        # Stages may run as separate processes (one per free core): each writes back only the stages it ran,
+        # over what the others have saved meanwhile.
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        atomic_write_text(path, json.dumps({**on_disk, **{s: report[s] for s in written}}, indent=2, default=str))
+
+    written: set[str] = set()
+
+    def chosen(names: tuple[str, ...]) -> tuple[str, ...]:
+        return names if args.models is None else tuple(n for n in names if n in args.models.split(","))
 
     if "untrained" in stages:
         model = load("untrained")
+        written.add("untrained")
         report["untrained"] = cells("untrained", model, kbs, dev, {"rag-token-k5": token_configs((5,))["rag-token-k5"]}, EVAL)
         save()
     if "reader" in stages:
         model = load("reader")
         configs = {**token_configs(), "closed-book": EvalConfig(mode="closed-book", decoding=GREEDY, progress=False),
                    "rag-sequence-thorough-k5": EvalConfig(kind="sequence", k=5, decoding=GREEDY, progress=False)}  # fmt: skip
+        written.add("reader")
         report["reader"] = cells("reader", model, kbs, dev, configs, EVAL)
         save()
     if "ablations" in stages:
-        for run in ABLATIONS:
+        for run in (name.removesuffix("@100") for name in chosen(tuple(f"{r}@100" for r in ABLATIONS))):
             kind = "sequence" if run == "sequence" else "token"
             model = load(f"{run}@100", kind)
             config = EvalConfig(kind=kind, k=5, decoding=GREEDY, recall_ks=(1, 5), progress=False)
+            written.add("ablations")
             report.setdefault("ablations", {})[run] = cells(f"{run}@100", model, kbs, dev, {f"rag-{kind}-k5": config}, EVAL)
             save()
     if "conflicts" in stages:
-        for name in ("untrained", "main@100", "no-counterfactual@100", "reader"):
+        for name in chosen(("untrained", "main@100", "no-counterfactual@100", "reader")):
             log(f"counterfactual passages: {name}")
+            written.add("conflicts")
             report.setdefault("conflicts", {})[name] = counterfactual_following(load(name), kbs["nq"], dev["nq"])
             save()
     if "hotswap" in stages:
-        for name in ("reader", "main@100", "no-counterfactual@100"):
+        for name in chosen(("reader", "main@100", "no-counterfactual@100")):
             model = load(name)
             for relation in ("capitals", "city-country"):
                 log(f"hot-swap {relation}: {name}")
+                written.add("hotswap")
                 report.setdefault("hotswap", {}).setdefault(name, {})[relation] = hotswap(model, relation)
                 save()
     if "latency" in stages:
-        for name in ("untrained", "reader"):
+        for name in chosen(("untrained", "reader")):
             log(f"rag ask latency: {name}")
+            written.add("latency")
             report.setdefault("latency", {})[name] = ask_latency(reader_folder(name))
             save()
     if "final" in stages:
         model = load("reader")
+        written.add("final")
         report["final"] = cells("reader-final", model, kbs, reserved_cells(data), token_configs((5,)), EVAL)
         save()
     from reader_report import write
 
-    write(report, ROOT / "results" / "reader.md")
+    write(json.loads(path.read_text()) if path.is_file() else report, ROOT / "results" / "reader.md")
     log("wrote results/reader.md")
     return 0
 
