@@ -154,7 +154,7 @@ def test_rag_ask_answers_luanda_with_the_angola_passage_on_top():
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
     out = subprocess.run(
-        [sys.executable, "-m", "rag.cli", "ask", "--json", "-i", "--beams", "4"],  # as make demo
+        [sys.executable, "-m", "rag.cli", "ask", "--json", "-i", "--beams", "4"],  # the paper's beam search, over the shipped reader
         input="What is the capital of Angola?\n",
         capture_output=True,
         text=True,
