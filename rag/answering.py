@@ -277,10 +277,12 @@ def rag_model_config(
     query_encoder: str = "",
     query_scale: float | None = None,
     reader: str = "default",
+    ray: str | None = None,
 ) -> RagConfig:
     """Default encoders, knowledge base and generator unless paths are given; or a `rag train`
     checkpoint's model (its q(x), generator, knowledge base, retriever, kind and k), which the other
-    flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense).
+    flags adjust. retriever: dense, bm25 or hybrid (None: the checkpoint's, else dense); ray: the Ray
+    cluster whose actors serve the knowledge base's shards ("" none; None: the checkpoint's).
     q(x): rag.knowledge.query_encoder_config (the knowledge base's recorded q(x), or the checkpoint's;
     `query_encoder` / `query_scale` override it).
     reader (rag.reader; not with a checkpoint, which is a trained model itself): "default", the shipped
@@ -302,7 +304,8 @@ def rag_model_config(
     if generator:
         generator_config = replace(generator_config, path=generator)
     retriever_config = replace(base.retriever, kind=retriever or base.retriever.kind,
-                               bm25_temperature=bm25_temperature or base.retriever.bm25_temperature)  # type: ignore[arg-type]
+                               bm25_temperature=bm25_temperature or base.retriever.bm25_temperature,
+                               ray=base.retriever.ray if ray is None else ray)  # type: ignore[arg-type]
     index = index_dir or base.index_dir
     query = base.query_encoder
     trained = None

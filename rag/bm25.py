@@ -28,10 +28,9 @@ import numpy as np
 from rag.config import BM25Config, from_dict, to_dict
 from rag.corpus import passage_text
 from rag.io import atomic_dir, atomic_write_text, read_format_json
-from rag.knowledge import META_FILE, PASSAGES_FILE, build_lock
+from rag.knowledge import META_FILE, build_lock, data_version, open_knowledge_base
 from rag.manifest import update_manifest
 from rag.mips import topk_rows
-from rag.store import PassageStore
 
 if TYPE_CHECKING:  # bm25s loads with the first index built or opened (not for `rag index info`)
     import bm25s
@@ -185,6 +184,12 @@ def _kb_fingerprint(kb_dir: Path) -> str:
     return str(meta.get("fingerprint", ""))
 
 
+def _kb_version(kb_dir: Path) -> tuple[int, int]:
+    """(data version, live passages) of the knowledge base: live updates (rag.updates) change both."""
+    meta = json.loads((kb_dir / META_FILE).read_text(encoding="utf-8"))
+    return data_version(meta), int(meta["passages"])
+
+
 def build_bm25_index(kb_dir: Path | str, config: BM25Config | None = None,
                      progress: bool = False) -> BM25Info:
     """Index a finished knowledge base's passages into KB/bm25 (replacing an older BM25 index)."""
@@ -194,7 +199,7 @@ def build_bm25_index(kb_dir: Path | str, config: BM25Config | None = None,
         raise FileNotFoundError(f"{kb_dir}: not a knowledge base folder (no {META_FILE}; rag index build)")
     start = time.perf_counter()
     with build_lock(kb_dir):
-        store = PassageStore.open(kb_dir / PASSAGES_FILE)
+        store = open_knowledge_base(kb_dir).passages  # live passages, live updates included
         texts: list[str] = []
         for lo in range(0, len(store), _BUILD_ROWS):
             rows = np.arange(lo, min(len(store), lo + _BUILD_ROWS))
@@ -204,6 +209,7 @@ def build_bm25_index(kb_dir: Path | str, config: BM25Config | None = None,
         index = BM25Index.build(texts, config)
         seconds = time.perf_counter() - start
         index.save(kb_dir / BM25_DIR, {"knowledge_base_fingerprint": _kb_fingerprint(kb_dir),
+                                       "knowledge_base_data_version": _kb_version(kb_dir)[0],
                                        "build_seconds": round(seconds, 3)})  # fmt: skip
         update_manifest(kb_dir, [BM25_DIR])  # the knowledge base's manifest covers its BM25 index too
     return BM25Info(kb_dir / BM25_DIR, len(index), index.terms, seconds)
@@ -226,7 +232,11 @@ def open_bm25_index(kb_dir: Path | str, build: bool = False, progress: bool = Tr
     if meta.get("knowledge_base_fingerprint") != _kb_fingerprint(kb_dir):
         raise ValueError(f"{kb_dir / BM25_DIR}: made for another build of this knowledge base; rebuild it "
                          f"with: rag index build --retriever bm25 --out {kb_dir}")  # fmt: skip
-    store_rows = len(PassageStore.open(kb_dir / PASSAGES_FILE))
+    version, store_rows = _kb_version(kb_dir)
+    if meta.get("knowledge_base_data_version", 1) != version:
+        raise ValueError(f"{kb_dir / BM25_DIR}: made for data version {meta.get('knowledge_base_data_version', 1)} "
+                         f"of this knowledge base, which is at version {version} now (rag index add/delete); "
+                         f"rebuild it with: rag index build --retriever bm25 --out {kb_dir}")  # fmt: skip
     if len(index) != store_rows:
         raise ValueError(f"{kb_dir}: BM25 index has {len(index)} rows, the passage store {store_rows}")
     return index

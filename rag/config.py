@@ -213,6 +213,9 @@ class RetrieverConfig(Validated):
     RANGES: ClassVar[dict[str, Range]] = {"bm25_temperature": Range(gt=0)}
     kind: RetrieverKind = "dense"
     bm25_temperature: float = 1.0  # the paper uses BM25 scores as logits unchanged
+    # "": the knowledge base is searched in this process; else a Ray cluster (rag.distributed.connect:
+    # "auto", "local", "head:6379") whose actors serve its shards, one actor per shard
+    ray: str = ""
 
 
 

@@ -163,6 +163,24 @@ def swap_index(model: RagModel, knowledge: Path | str | Retriever) -> RagModel:
     return RagModel(model.query_encoder, knowledge, model.generator, model.kind, model.k)
 
 
+def refresh(model: RagModel) -> RagModel:
+    """`model` if its knowledge base is unchanged on disk, else a model over the newest data version
+    (rag.updates: passages added, replaced or deleted since it was opened) that shares the query
+    encoder and generator with `model`: the hot-swap, for a knowledge base that changed in place."""
+    from rag.knowledge import FORMAT, META_FILE, data_version
+    from rag.retriever import Retriever
+
+    source = getattr(model.retriever, "source", None)
+    if source is None:
+        return model  # a retriever made in memory: nothing on disk to follow
+    from rag.io import read_format_json
+
+    meta = read_format_json(source.path, META_FILE, FORMAT, "knowledge base (rag index build)")
+    if data_version(meta) == source.version:
+        return model
+    return swap_index(model, Retriever.open(source.path, query_encoder=model.query_encoder, ray=source.ray))
+
+
 def derive_knowledge_base(
     base_dir: Path | str, facts: Sequence[ChangedFact], out_dir: Path | str, device: str = "cpu"
 ) -> Path:

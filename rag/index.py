@@ -59,6 +59,7 @@ VERSION = 1
 EMB_FILE = "embeddings.npy"
 FAISS_FILE = "faiss.index"
 IVFDATA_FILE = "lists.ivfdata"
+TRAINED_FILE = "trained.index"  # IVF kinds: the trained index without vectors (update segments add to a copy)
 META_FILE = "meta.json"
 _ADD_CHUNK = 65536  # rows handed to FAISS at a time
 
@@ -235,6 +236,7 @@ class DenseIndex:
         if faiss_bytes is None:
             faiss_bytes = 0 if faiss_index is None else len(faiss.serialize_index(faiss_index))
         self._faiss_bytes = faiss_bytes
+        self.path: Path | None = None  # the folder it was loaded from
 
     # -- construction
     @classmethod
@@ -271,6 +273,8 @@ class DenseIndex:
             index = None
             if config.kind != "flat":
                 index = _faiss_from_file(open_matrix(tmp / EMB_FILE), config, tmp, stage_dir, progress)
+            if index is not None and config.ondisk_lists:
+                link_or_copy(stage_dir / TRAINED_FILE, tmp / TRAINED_FILE)
             _write_rest(tmp, index, config, matrix.rows, matrix.dim)
             del index
         return cls.load(out_dir)
@@ -334,7 +338,31 @@ class DenseIndex:
                 f"{path / FAISS_FILE}: {index.ntotal} vectors, meta.json says {meta['count']}"
             )
         faiss_bytes = sum(size for name, size in meta["files"].items() if name in (FAISS_FILE, IVFDATA_FILE))
-        return cls(emb, config, index, faiss_bytes)
+        loaded = cls(emb, config, index, faiss_bytes)
+        loaded.path = path
+        return loaded
+
+    def build_segment(self, embeddings: np.ndarray, out_dir: Path | str) -> DenseIndex:
+        """An index folder over new rows (an update segment) of the same kind and settings: IVF kinds
+        add them to a copy of this index's trained quantizer and codebooks (no retraining, any count);
+        HNSW builds its own graph; lists are held in RAM (segments are small)."""
+        config = dataclasses.replace(self.config, ondisk_lists=False)
+        emb = _check_matrix(np.asarray(embeddings), "embeddings")
+        if emb.shape[1] != self.dim:
+            raise DenseIndexError(f"segment: vectors of dim {emb.shape[1]}, the index has {self.dim}")
+        stored = np.ascontiguousarray(emb, dtype=store_dtype(config))
+        if self._faiss is None or self.config.kind == "hnsw":
+            segment = DenseIndex(stored, config, None if self._faiss is None else _fill_faiss(stored, config))
+        else:
+            trained = self.path / TRAINED_FILE if self.path is not None else None
+            if trained is None or not trained.is_file():
+                raise DenseIndexError(f"{self.path}: no {TRAINED_FILE} to add new rows to (rebuild the index)")
+            index = faiss.read_index(str(trained))
+            for start in range(0, len(stored), _ADD_CHUNK):
+                index.add(np.ascontiguousarray(stored[start : start + _ADD_CHUNK], dtype=np.float32))
+            segment = DenseIndex(stored, config, index)
+        segment.save(out_dir)
+        return DenseIndex.load(out_dir)
 
     def with_search_params(self, **changes: Any) -> DenseIndex:
         """The same stored data with other search-time settings (nprobe, hnsw_ef_search, rerank_factor)."""
@@ -438,9 +466,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _write_rest(tmp: Path, index: faiss.Index | None, config: IndexConfig, n: int, dim: int) -> None:
-    """FAISS file, then meta.json last: its presence marks the folder complete."""
+    """FAISS file (and an IVF's trained copy without vectors), then meta.json last: its presence
+    marks the folder complete."""
     if index is not None:
         faiss.write_index(index, str(tmp / FAISS_FILE))
+        if _ivf(index) is not None and not (tmp / TRAINED_FILE).exists():
+            empty = faiss.clone_index(index)  # in-memory lists: the copy is as large, briefly
+            empty.reset()
+            faiss.write_index(empty, str(tmp / TRAINED_FILE))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     meta = {
         "format": FORMAT,

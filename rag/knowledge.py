@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from rag.io import (
 )
 from rag.manifest import read_manifest, verify_folder, write_manifest
 from rag.resources import cache_dir, resolve_path, wiki_summaries_path
+from rag.shards import PartedIndex, PartedPassages
 from rag.store import PassageStore, write_passage_store
 from rag.vectors import EmbeddingsError, EmbeddingsFile, align_embeddings, open_embeddings
 
@@ -171,11 +172,14 @@ def build_knowledge_base(
     query_encoder: EncoderConfig | str | None = None,
     query_scale: float | None = None,
     overwrite: bool = False,
+    encode_shards: ShardEncoding | None = None,
 ) -> KnowledgeBaseInfo:
     """Build (or finish an interrupted build of) the knowledge base in `out_dir`.
 
     out_dir: a new or empty folder, or (overwrite) a knowledge base to replace; never anything else,
     the current directory, or a folder holding or inside an input (rag.io.check_output_dir).
+    encode_shards: encodes the missing shards elsewhere (rag.distributed.encoding: a Ray actor pool)
+    instead of one after the other in this process; it writes the same files.
 
     given: index these embeddings (matched to the passages by id) instead of encoding the corpus;
     `encoder` then names the d(z) that made them (its dim is checked; q(x) defaults to it).
@@ -189,7 +193,8 @@ def build_knowledge_base(
         # again under the lock: a concurrent build may have finished one here while this one waited
         check_output_dir(out_dir, what="knowledge base", is_own=is_knowledge_base, overwrite=overwrite,
                          inputs=inputs)  # fmt: skip
-        return _build(corpus, encoder, index, out_dir, progress, device, given, query_encoder, query_scale)
+        return _build(corpus, encoder, index, out_dir, progress, device, given, query_encoder, query_scale,
+                      encode_shards)
 
 
 def _build(
@@ -202,6 +207,7 @@ def _build(
     given: GivenEmbeddings | None = None,
     query_encoder: EncoderConfig | str | None = None,
     query_scale: float | None = None,
+    encode_shards: ShardEncoding | None = None,
 ) -> KnowledgeBaseInfo:
     start = time.perf_counter()
     if encoder.scale != 1.0:
@@ -229,7 +235,8 @@ def _build(
     check_buildable(index, len(store), d_z.dim)
     shards, reused = [], 0
     if source is None:
-        shards, reused = _encode_shards(store, d_z, encoder.batch_size, index.shard_size, work, progress)
+        shards, reused = _encode_shards(store, d_z, encoder.batch_size, index.shard_size, work, progress,
+                                        encode_shards)  # fmt: skip
     else:
         if source.dim != d_z.dim:
             raise EmbeddingsError(f"{source.path}: vectors of dim {source.dim}, the passage encoder {encoder.path} "
@@ -306,8 +313,15 @@ def _passage_store(corpus: CorpusConfig, work: Path) -> tuple[PassageStore, dict
     return PassageStore.open(work / PASSAGES_FILE), counts
 
 
+class ShardEncoding(Protocol):
+    """Encodes rows [lo, hi) of the passage store into each job's .npy (as `_encode_shards` does)."""
+
+    def __call__(self, store_path: Path, jobs: list[tuple[int, int, Path]], progress: bool) -> None: ...
+
+
 def _encode_shards(
-    store: PassageStore, d_z: Encoder, batch_size: int, shard_size: int, work: Path, progress: bool
+    store: PassageStore, d_z: Encoder, batch_size: int, shard_size: int, work: Path, progress: bool,
+    elsewhere: ShardEncoding | None = None,
 ) -> tuple[list[Path], int]:
     """Encode the store shard by shard into work/shards/NNNNNN.npy; reuse finished shards."""
     if shard_size < 1:
@@ -317,6 +331,14 @@ def _encode_shards(
     paths = [work / "shards" / f"{i:06d}.npy" for i in range(len(bounds))]
     remove_stale_temps_in(work / "shards")  # a killed build's half-written shards (we hold the lock)
     done = [_shard_ok(p, hi - lo, d_z.dim) for p, (lo, hi) in zip(paths, bounds, strict=True)]
+    if elsewhere is not None:
+        (work / "shards").mkdir(parents=True, exist_ok=True)
+        jobs = [(lo, hi, p) for p, (lo, hi), ok in zip(paths, bounds, done, strict=True) if not ok]
+        elsewhere(store.path, jobs, progress)
+        missing = [p for p, (lo, hi) in zip(paths, bounds, strict=True) if not _shard_ok(p, hi - lo, d_z.dim)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} shards were not encoded, e.g. {missing[0]}")
+        return paths, sum(done)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -360,13 +382,29 @@ def _shard_ok(path: Path, rows: int, dim: int) -> bool:
 def open_knowledge_base(path: Path | str) -> KnowledgeBase:
     """Open a finished knowledge base folder: refuses one without meta.json (an unfinished build), one
     whose files differ from its manifest (rag.manifest: sizes always, hashes on first open), and one
-    whose parts disagree (rows, dim); every error names the file."""
+    whose parts disagree (rows, dim); every error names the file.
+
+    A sharded knowledge base (rag.sharding) or one with live updates (rag.updates) opens as one
+    PartedIndex and PartedPassages over its parts (rag.shards), with the interface of one index.
+    """
     path = Path(path)
     meta = read_knowledge_meta(path)
     verify_folder(path, optional=OPTIONAL_PARTS)
     _check_meta(path, meta)
-    index = DenseIndex.load(path / INDEX_DIR)
-    passages = PassageStore.open(path / PASSAGES_FILE)
+    if meta.get("shards"):
+        shards = [open_knowledge_base(path / name) for name in meta["shards"]]
+        index: Any = PartedIndex([s.index for s in shards])
+        passages: Any = PartedPassages([s.passages for s in shards], index.space, path)
+    else:
+        index = DenseIndex.load(path / INDEX_DIR)
+        passages = PassageStore.open(path / PASSAGES_FILE)
+        segments = [path / name for name in meta.get("segments", [])]
+        if segments or meta.get("deleted"):
+            parts = [(index, passages)] + [(DenseIndex.load(s / INDEX_DIR), PassageStore.open(s / PASSAGES_FILE))
+                                           for s in segments]  # fmt: skip
+            live = live_masks(path, meta, [len(i) for i, _ in parts])
+            index = PartedIndex([i for i, _ in parts], live)
+            passages = PartedPassages([p for _, p in parts], index.space, path)
     if not len(index) == len(passages) == meta["passages"]:
         raise ValueError(
             f"{path}: {len(index)} index rows, {len(passages)} stored passages, meta.json says {meta['passages']}"
@@ -383,6 +421,27 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
             raise ValueError(f"{path / META_FILE}: field {key!r}: missing")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise ValueError(f"{path / META_FILE}: field {key!r}: expected {kind.__name__}, got {type(meta[key]).__name__}")
+
+
+def live_masks(path: Path, meta: Mapping[str, Any], sizes: Sequence[int]) -> list[np.ndarray | None]:
+    """Per part (base, then update segments), which rows are live: meta["deleted"] names an .npy of
+    deleted rows numbered over all parts' rows (deleted ones included)."""
+    if not meta.get("deleted"):
+        return [None] * len(sizes)
+    deleted = np.load(path / meta["deleted"], allow_pickle=False)
+    total = int(sum(sizes))
+    if deleted.ndim != 1 or deleted.dtype.kind not in "iu" or (deleted.size and not 0 <= deleted.min() <= deleted.max() < total):
+        raise ValueError(f"{path / meta['deleted']}: expected deleted rows in [0, {total}), got {deleted.dtype} "
+                         f"{deleted.shape}")  # fmt: skip
+    alive = np.ones(total, dtype=bool)
+    alive[deleted] = False
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [None if alive[a:b].all() else alive[a:b].copy() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def data_version(meta: Mapping[str, Any]) -> int:
+    """The knowledge base's data version: 1 when built, +1 for every live update (rag.updates)."""
+    return int(meta.get("data_version", 1))
 
 
 def write_knowledge_base(passages: Sequence[Passage], vectors: np.ndarray, meta: Mapping[str, Any],

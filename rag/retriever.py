@@ -26,8 +26,9 @@ from rag.config import EncoderConfig, FusionConfig, RetrieverConfig
 from rag.encoders import Encoder, load_encoder
 from rag.fusion import Candidates, fuse, fused_scores, load_fusion, union_candidates
 from rag.index import DenseIndex
-from rag.knowledge import open_knowledge_base, query_encoder_config
+from rag.knowledge import KnowledgeBase, data_version, open_knowledge_base, query_encoder_config
 from rag.mips import topk_rows
+from rag.shards import PartedIndex, PartedPassages
 from rag.store import PassageStore
 
 
@@ -84,13 +85,23 @@ def _assemble(passages: PassageStore, rows: np.ndarray, scores: torch.Tensor, em
     )
 
 
+@dataclass(frozen=True)
+class KnowledgeSource:
+    """The knowledge base folder a retriever was opened from, at which data version, and how."""
+
+    path: Path
+    version: int  # meta.json's data_version when opened (rag.updates increases it)
+    ray: str  # "" or the Ray address its shards' actors run on
+
+
 class Retriever:
     """Index + passage store + query encoder: questions in, top-K passages out (the dense retriever)."""
 
     kind = "dense"
     query_weight = 1.0  # p(z|x)'s logits are q(x).d(z) alone: trainable through q(x)
 
-    def __init__(self, index: DenseIndex, passages: PassageStore, query_encoder: Encoder) -> None:
+    def __init__(self, index: DenseIndex | PartedIndex, passages: PassageStore | PartedPassages,
+                 query_encoder: Encoder) -> None:  # fmt: skip
         if len(index) != len(passages):
             raise ValueError(f"index has {len(index)} rows but the passage store has {len(passages)}")
         if query_encoder.dim != index.dim:
@@ -98,6 +109,7 @@ class Retriever:
         self.index = index
         self.passages = passages
         self.query_encoder = query_encoder
+        self.source: KnowledgeSource | None = None  # set by open: where a newer version would appear
 
     @classmethod
     def open(
@@ -107,17 +119,27 @@ class Retriever:
         encoder: EncoderConfig | None = None,
         device: str | torch.device = "cpu",
         scale: float | None = None,
+        ray: str = "",
     ) -> Retriever:
-        """A retriever over a knowledge base folder.
+        """A retriever over a knowledge base folder (sharded or not, live-updated or not).
 
         q(x) is `query_encoder`, else loaded from the config rag.knowledge.query_encoder_config gives
         (the one rule: `encoder` if given, else the q(x) the knowledge base records; `scale` overrides
         the scale).
+        ray: a Ray cluster address (rag.distributed.connect): each shard is then searched by its own
+        actor, which holds only that shard (rag.distributed.shards); "" searches in this process.
         """
-        kb = open_knowledge_base(index_dir)
+        if ray:
+            from rag.distributed.shards import open_on_ray
+
+            kb = KnowledgeBase(*open_on_ray(index_dir, ray))
+        else:
+            kb = open_knowledge_base(index_dir)
         if query_encoder is None:
             query_encoder = load_encoder(query_encoder_config(kb.meta, encoder, scale), device)
-        return cls(kb.index, kb.passages, query_encoder)
+        retriever = cls(kb.index, kb.passages, query_encoder)
+        retriever.source = KnowledgeSource(Path(index_dir), data_version(kb.meta), ray)
+        return retriever
 
     def retrieve(self, questions: list[str], k: int, batch_size: int = 64,
                  query_vectors: torch.Tensor | np.ndarray | None = None) -> Retrieved:  # fmt: skip
@@ -259,9 +281,11 @@ def open_retriever(index_dir: Path | str, config: RetrieverConfig | None = None,
     d(z) encoder; `scale`); bm25 needs no encoder. A missing BM25 index is built once, into the folder."""
     config = config or RetrieverConfig()
     if config.kind == "dense":
-        return Retriever.open(index_dir, query_encoder, encoder, device, scale)
+        return Retriever.open(index_dir, query_encoder, encoder, device, scale, ray=config.ray)
     if config.kind == "bm25":
         return BM25Retriever.open(index_dir, config.bm25_temperature)
     if config.kind == "hybrid":
+        if config.ray:
+            raise ValueError("--ray serves dense retrieval from shard actors; hybrid retrieval runs in one process")
         return HybridRetriever.open(index_dir, query_encoder, encoder, device, scale, config.bm25_temperature)
     raise ValueError(f"retriever kind must be one of dense, bm25, hybrid; got {config.kind!r}")

@@ -179,10 +179,10 @@ def _vector_block(column: pa.Array, source: EmbeddingsFile, first: int) -> np.nd
 
 
 class IdLookup:
-    """The store's ids as a sorted fixed-width byte array: id -> row by binary search."""
+    """Passage ids (row order) as a sorted fixed-width byte array: id -> row by binary search, in
+    about 20 bytes per passage where a dict would take about 100."""
 
-    def __init__(self, store: PassageStore) -> None:
-        ids = store.ids()
+    def __init__(self, ids: pa.ChunkedArray) -> None:
         width = max(1, max((pc.max(pc.binary_length(c)).as_py() or 0) for c in ids.chunks))
         self._width = width
         encoded = np.concatenate([np.array(c.cast(pa.binary()).to_pylist(), dtype=f"S{width}") for c in ids.chunks])
@@ -197,6 +197,17 @@ class IdLookup:
         pos = np.minimum(np.searchsorted(self._sorted, fixed), len(self._sorted) - 1)
         found = (self._sorted[pos] == fixed) & ~too_long
         return self._order[pos].astype(np.int64), found
+
+    def with_prefix(self, prefix: str) -> tuple[np.ndarray, list[str]]:
+        """(rows, ids) of every id that starts with prefix, in id order."""
+        key = prefix.encode("utf-8")
+        if len(key) > self._width:
+            return np.zeros(0, np.int64), []
+        lo = int(np.searchsorted(self._sorted, np.array(key, dtype=f"S{self._width}"), side="left"))
+        hi = lo
+        while hi < len(self._sorted) and self._sorted[hi].startswith(key):
+            hi += 1
+        return self._order[lo:hi].astype(np.int64), [i.decode("utf-8") for i in self._sorted[lo:hi]]
 
 
 @dataclass(frozen=True)
@@ -222,7 +233,7 @@ def align_embeddings(source: EmbeddingsFile, store: PassageStore, out: Path, dty
         chunks = (_finite(v, dtype, source, row) for row, (_, v) in _numbered(iter_vectors(source)))
         write_matrix(out, chunks, n, source.dim, dtype)
         return Aligned(out, False, n, source.dim)
-    lookup = IdLookup(store)
+    lookup = IdLookup(store.ids())
     _preallocate(out, n, source.dim, dtype)  # the header and a sparse file; rows are written in place
     matrix = open_matrix(out)
     seen = np.zeros(n, dtype=bool)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rag.cli.index_scale import register_scale
 from rag.cli.model_options import add_index_arguments, knowledge_base, query_encoder
 from rag.cli.numbers import COUNT, OPTIONAL_COUNT, POSITIVE
 from rag.config import (
@@ -67,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--shard-size", type=COUNT, default=IndexConfig.shard_size, help="passages per resumable shard"
     )
+    build.add_argument("--ray", default="", metavar="ADDRESS",
+                       help="encode the passages with Ray Data on this cluster (auto, local, host:port)")
+    build.add_argument("--ray-workers", type=COUNT, default=2, help="with --ray: encoder actors")
+    build.add_argument("--shards", type=COUNT, default=1,
+                       help="split the knowledge base into N shards (rag index shard), each with its own index")
     build.add_argument("--out", required=True,
                        help="output folder: new or empty (it appears only when complete); never the current "
                             "directory, the corpus or a folder holding or inside it")
@@ -76,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "folder; on an existing knowledge base only that is done (no re-encoding)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=run_build)
+    register_scale(sub)
 
     hybrid = sub.add_parser("hybrid", help="choose the hybrid retriever's fusion on development questions "
                                            "and store it in the knowledge base (hybrid.json)")
@@ -135,15 +142,39 @@ def given_from_args(args: argparse.Namespace) -> GivenEmbeddings | None:
 
 def run_build(args: argparse.Namespace) -> int:
     from rag.knowledge import META_FILE, build_knowledge_base
+    from rag.sharding import build_sharded
 
     corpus, encoder, index = configs_from_args(args)
     out = Path(args.out)
     if args.retriever == "bm25" and not args.overwrite and (out / META_FILE).is_file():
         return _add_bm25(out, corpus, not args.no_progress)
     given = given_from_args(args)
-    info = build_knowledge_base(corpus, encoder, index, out, progress=not args.no_progress, given=given,
-                                query_encoder=args.query_encoder or None, query_scale=args.query_scale,
-                                overwrite=args.overwrite)  # fmt: skip
+    if args.shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {args.shards}")
+    if args.shards > 1 and args.retriever == "bm25":
+        raise ValueError("--retriever bm25 indexes one passage store; it does not combine with --shards")
+
+    if args.ray_workers < 1:
+        raise ValueError(f"--ray-workers must be >= 1, got {args.ray_workers}")
+    if args.ray and given is not None:
+        raise ValueError("--ray encodes the corpus; with --embeddings nothing is encoded")
+    encode = None
+    if args.ray:
+        from rag.distributed.encoding import encode_shards_on_ray
+
+        def encode(store_path: Path, jobs: list, progress: bool) -> None:
+            encode_shards_on_ray(store_path, encoder, jobs, args.ray_workers, args.ray, progress=progress)
+
+    def build(folder: Path, overwrite: bool) -> Any:
+        return build_knowledge_base(corpus, encoder, index, folder, progress=not args.no_progress, given=given,
+                                    query_encoder=args.query_encoder or None, query_scale=args.query_scale,
+                                    overwrite=overwrite, encode_shards=encode)  # fmt: skip
+
+    if args.shards > 1:
+        info, sharded = build_sharded(build, args.shards, out, not args.no_progress, args.overwrite)
+        print(f"sharded {sharded.path}: {sharded.shards} shards of {sharded.rows_per_shard} passages")
+    else:
+        info = build(out, args.overwrite)
     rate = info.passages / info.seconds if info.seconds > 0 else float("inf")
     print(f"built {info.path}: {info.passages} passages from {info.documents} documents, dim {info.dim}, "
           f"{index.kind} index")  # fmt: skip
@@ -197,7 +228,7 @@ def run_hybrid(args: argparse.Namespace) -> int:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    from rag.knowledge import open_knowledge_base
+    from rag.knowledge import data_version, open_knowledge_base
 
     kb = open_knowledge_base(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -216,6 +247,10 @@ def describe(path: Path) -> dict[str, Any]:
         "bytes_on_disk": size,
         "build_seconds": kb.meta.get("build_seconds"),
         "fingerprint": kb.meta.get("fingerprint"),
+        "data_version": data_version(kb.meta),
+        "shards": len(kb.meta.get("shards", [])) or 1,
+        "update_segments": len(kb.meta.get("segments", [])),
+        "tombstones": _tombstones(path, kb.meta),
         **_bm25_facts(path),
     }
 
@@ -229,6 +264,17 @@ def _query_encoder_fact(meta: dict[str, Any]) -> str:
         return f"none ({error})"
     recorded = "" if meta.get("query_encoder") else " (not recorded: built before q(x) was recorded; this rule's)"
     return f"{q.path}, scale {q.scale:g}{recorded}"
+
+
+def _tombstones(path: Path, meta: dict[str, Any]) -> int:
+    """Deleted rows still stored (rag index compact removes them), over every shard."""
+    import numpy as np
+
+    from rag.knowledge import open_knowledge_base
+
+    if meta.get("shards"):
+        return sum(_tombstones(path / s, open_knowledge_base(path / s).meta) for s in meta["shards"])
+    return len(np.load(path / meta["deleted"])) if meta.get("deleted") else 0
 
 
 def _bm25_facts(path: Path) -> dict[str, Any]:

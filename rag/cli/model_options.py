@@ -46,13 +46,17 @@ def add_retriever_arguments(parser: argparse.ArgumentParser, default: str | None
                              + ("" if default else " (default: dense, or the checkpoint's)"))
     parser.add_argument("--bm25-temperature", type=POSITIVE, default=None,
                         help="p(z|x) logits are BM25 score / this (default 1: the scores themselves, as the paper)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="serve the knowledge base's shards from Ray actors, one per shard, on this cluster: "
+                             "auto (the running cluster, `ray start`), local (a private one), or host:port")
 
 
 def retriever_config(args: argparse.Namespace, base: RetrieverConfig | None = None) -> RetrieverConfig:
     """The RetrieverConfig the flags name, over `base` (a checkpoint's) where a flag is not given."""
     base = base or RetrieverConfig()
     return replace(base, kind=args.retriever or base.kind,
-                   bm25_temperature=args.bm25_temperature or base.bm25_temperature)  # fmt: skip
+                   bm25_temperature=args.bm25_temperature or base.bm25_temperature,
+                   ray=base.ray if args.ray is None else args.ray)  # fmt: skip
 
 
 def check_index_arguments(args: argparse.Namespace) -> None:
@@ -130,7 +134,7 @@ def model_config(args: argparse.Namespace) -> RagConfig:
     check_index_arguments(args)
     return rag_model_config(args.kind, args.k, args.index, args.generator, args.dtype, args.prompt,
                             args.checkpoint, args.device, args.retriever, args.bm25_temperature,
-                            args.query_encoder, args.query_scale, args.reader)  # fmt: skip
+                            args.query_encoder, args.query_scale, args.reader, args.ray)  # fmt: skip
 
 
 def load_asker(args: argparse.Namespace) -> Asker:

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         from rag.reader import reader_query_encoder
 
         encoder = reader_query_encoder(args.reader, encoder)
-    per_query = numpy_hits(index, encoder, args) if encoder is not None and args.retriever == "dense" else None
+    local_dense = encoder is not None and args.retriever == "dense" and not args.ray
+    per_query = numpy_hits(index, encoder, args) if local_dense else None  # --ray: the shards' actors search
     if per_query is None:
         from rag.retriever import open_retriever
 
