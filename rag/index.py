@@ -148,42 +148,60 @@ def _fill_faiss(matrix: np.ndarray, config: IndexConfig) -> faiss.Index:
 def _faiss_from_file(matrix: MatrixFile, config: IndexConfig, out: Path, stages: Path,
                      progress: bool) -> faiss.Index:  # fmt: skip
     """Train on a sample read from the file, then add it chunk by chunk (on-disk lists: block by
-    block into stages/, then merged into out/lists.ivfdata). Finished stages are reused."""
+    block into stages/, then merged into out/lists.ivfdata). Finished stages are reused; each
+    phase's CPU and wall seconds are appended to stages/timings.jsonl."""
     stages.mkdir(parents=True, exist_ok=True)
     trained_path = stages / "trained.index"
     if trained_path.is_file():
         index = faiss.read_index(str(trained_path))
     else:
-        index = _faiss_index(matrix.dim, matrix.rows, config)
-        if not index.is_trained:
-            index.train(np.ascontiguousarray(read_sample(matrix, training_rows(matrix.rows, index)), np.float32))
+        with _timed(stages, "train"):
+            index = _faiss_index(matrix.dim, matrix.rows, config)
+            if not index.is_trained:
+                index.train(np.ascontiguousarray(read_sample(matrix, training_rows(matrix.rows, index)), np.float32))
         _write_faiss(index, trained_path)
     bar = _bar(progress, matrix.rows, "adding to the index")
     try:
         if not config.ondisk_lists:
-            for _, chunk in iter_chunks(matrix, chunk_rows=_ADD_CHUNK):
-                index.add(np.ascontiguousarray(chunk, dtype=np.float32))
-                _tick(bar, len(chunk))
+            with _timed(stages, "add", rows=matrix.rows):
+                for _, chunk in iter_chunks(matrix, chunk_rows=_ADD_CHUNK):
+                    index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+                    _tick(bar, len(chunk))
             return index
         blocks = []
         for i, lo in enumerate(range(0, matrix.rows, config.ondisk_block_rows)):
             hi = min(matrix.rows, lo + config.ondisk_block_rows)
             blocks.append(stages / f"block-{i:05d}.index")
             if not blocks[-1].is_file():
-                block = faiss.clone_index(index)
-                for start, chunk in iter_chunks(matrix, lo, hi, chunk_rows=_ADD_CHUNK):
-                    ids = np.arange(start, start + len(chunk), dtype=np.int64)  # global rows
-                    block.add_with_ids(np.ascontiguousarray(chunk, dtype=np.float32), ids)
-                _write_faiss(block, blocks[-1])
-                del block
+                with _timed(stages, "add", rows=hi - lo, block=i):
+                    block = faiss.clone_index(index)
+                    for start, chunk in iter_chunks(matrix, lo, hi, chunk_rows=_ADD_CHUNK):
+                        ids = np.arange(start, start + len(chunk), dtype=np.int64)  # global rows
+                        block.add_with_ids(np.ascontiguousarray(chunk, dtype=np.float32), ids)
+                    _write_faiss(block, blocks[-1])
+                    del block
             _tick(bar, hi - lo)
     finally:
         if bar is not None:
             bar.close()
     from faiss.contrib.ondisk import merge_ondisk
 
-    merge_ondisk(index, [str(b) for b in blocks], str(out / IVFDATA_FILE))
+    with _timed(stages, "merge", rows=matrix.rows):
+        merge_ondisk(index, [str(b) for b in blocks], str(out / IVFDATA_FILE))
     return index
+
+
+@contextlib.contextmanager
+def _timed(stages: Path, phase: str, **facts: int) -> Iterator[None]:
+    """Append the phase's CPU and wall seconds to stages/timings.jsonl (benchmarks read them)."""
+    import time
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    yield
+    record = {"phase": phase, **facts, "cpu_s": round(time.process_time() - cpu, 3),
+              "wall_s": round(time.perf_counter() - wall, 3)}  # fmt: skip
+    with open(stages / "timings.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _write_faiss(index: faiss.Index, path: Path) -> None:

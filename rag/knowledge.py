@@ -178,13 +178,13 @@ def build_knowledge_base(
 
     out_dir: a new or empty folder, or (overwrite) a knowledge base to replace; never anything else,
     the current directory, or a folder holding or inside an input (rag.io.check_output_dir).
-    encode_shards: encodes the missing shards elsewhere (rag.distributed.encoding: a Ray actor pool)
-    instead of one after the other in this process; it writes the same files.
 
     given: index these embeddings (matched to the passages by id) instead of encoding the corpus;
     `encoder` then names the d(z) that made them (its dim is checked; q(x) defaults to it).
     query_encoder, query_scale: the q(x) recorded for this d(z) (matching_query_encoder: default d(z)'s
     own folder, scale 20 if it normalises, else 1).
+    encode_shards: encodes the missing shards elsewhere (rag.distributed.encoding: a Ray actor pool)
+    instead of one after the other in this process; it writes the same files.
     """
     out_dir = Path(out_dir).resolve()
     inputs = build_inputs(corpus, encoder, given, query_encoder)

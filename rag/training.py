@@ -162,14 +162,28 @@ def draw_substitutions(batch: Sequence[Example], pool: SubstitutePool | None, ra
     return out
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's share of data-parallel training (rag.distributed.training): worker `rank` of
+    `world` takes examples [rank*B, (rank+1)*B) of each global batch of world*B examples, and runs the
+    forward through `module` (a DistributedDataParallel wrapper of the model), whose backward averages
+    the gradients over the workers. Only worker 0 writes the run folder."""
+
+    rank: int
+    world: int
+    module: nn.Module
+
+
 def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: TrainConfig,
                optimizer: torch.optim.Optimizer, scheduler: Any, step: int = 0,
-               pool: SubstitutePool | None = None) -> dict[str, float]:  # fmt: skip
+               pool: SubstitutePool | None = None, replica: DataParallel | None = None) -> dict[str, float]:  # fmt: skip
     """One optimiser step over `grad_accum` micro-batches; returns the step's log record. `pool`: the
-    substitutes of counterfactual passages (config.counterfactual_rate), drawn by draw_substitutions."""
+    substitutes of counterfactual passages (config.counterfactual_rate), drawn by draw_substitutions.
+    replica: `batches` are this worker's share; the logged loss and entropy are the workers' mean."""
     start = time.perf_counter()
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    forward = model if replica is None else replica.module
     loss_sum, entropy, tokens, rows, rewritten = 0.0, 0.0, 0, set(), 0
     for micro, batch in enumerate(batches):
         substitutions = draw_substitutions(batch, pool, config.counterfactual_rate, config.seed, step, micro)
@@ -180,13 +194,17 @@ def train_step(model: RagModel, batches: Sequence[Sequence[Example]], config: Tr
             if config.closed_book:
                 out = model.score_passages(inputs, targets, None, None, config.label_smoothing, end)
             else:
-                out = model(inputs, targets, config.label_smoothing, substitutions, end)
+                out = forward(inputs, targets, config.label_smoothing, substitutions, end)
         (out.loss / len(batches)).backward()
         loss_sum += out.loss.item() / len(batches)
         entropy += doc_entropy(out.doc_logprior.float().detach()) / len(batches)
         tokens += int(out.target_mask.sum()) * out.doc_logprior.shape[1]  # the targets as the forward tokenised them
         if out.retrieved is not None:
             rows.update(out.retrieved.rows.reshape(-1).tolist())
+    if replica is not None and replica.world > 1:  # the whole batch's figures, as one process logs them
+        summed = torch.tensor([loss_sum, entropy, float(tokens)], dtype=torch.float64)
+        torch.distributed.all_reduce(summed)
+        loss_sum, entropy, tokens = float(summed[0]) / replica.world, float(summed[1]) / replica.world, int(summed[2])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -224,31 +242,40 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
           dev_data: Sequence[Example] = (), out_dir: Path | str | None = None, resume: bool = False,
           progress: bool = False, stop_after: int | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None, overwrite: bool = False,
-          inputs: Sequence[Path | str] = ()) -> TrainResult:  # fmt: skip
+          inputs: Sequence[Path | str] = (), replica: DataParallel | None = None) -> TrainResult:  # fmt: skip
     """Fine-tune `model` on `train_data`; logs to out_dir/log.jsonl, checkpoints to out_dir/checkpoint.
 
     resume: continue from out_dir/checkpoint (weights, optimiser, schedule, RNG, data position).
     overwrite: start over in a folder that holds a run (only the run's own files are deleted).
     inputs: paths the run reads (data, knowledge base) that out_dir must never replace or be inside.
     stop_after: stop after this many steps of *this call* (what an interruption does; for tests).
+    replica: one worker of data-parallel training (DataParallel); workers other than 0 read out_dir's
+    checkpoint to resume but write nothing.
     """
     check_trainable(train_data)
-    if len(train_data) < config.batch_size:
-        raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size}")
+    world = 1 if replica is None else replica.world
+    if len(train_data) < config.batch_size * world:
+        raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size} x {world} workers")
+    if replica is not None and (config.train_passage_encoder or config.generator_lora or config.query_lora):
+        raise ValueError("data-parallel training covers q(x) and the generator in full; not d(z) or LoRA")
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     if out_dir is None:
         if resume:
             raise ValueError("resume needs out_dir (the run folder holding checkpoint/)")
-        return _train(model, train_data, config, dev_data, None, False, progress, stop_after, on_step)
+        return _train(model, train_data, config, dev_data, None, False, progress, stop_after, on_step, replica)
+    if replica is not None and replica.rank > 0:  # reads the checkpoint worker 0 wrote; writes nothing
+        resume_from = Path(out_dir) / "checkpoint" if resume else None
+        return _train(model, train_data, config, dev_data, None, False, False, stop_after, None, replica, resume_from)
     kb = [config.rag.index_dir] if config.rag.index_dir else []
     with run_folder(out_dir, resume, overwrite, [*inputs, *kb]) as out:
-        return _train(model, train_data, config, dev_data, out, resume, progress, stop_after, on_step)
+        return _train(model, train_data, config, dev_data, out, resume, progress, stop_after, on_step, replica)
 
 
 def _train(model: RagModel, train_data: Sequence[Example], config: TrainConfig, dev_data: Sequence[Example],
            out: Path | None, resume: bool, progress: bool, stop_after: int | None,
-           on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:  # fmt: skip
+           on_step: Callable[[int, dict[str, float]], None] | None, replica: DataParallel | None = None,
+           resume_from: Path | None = None) -> TrainResult:  # fmt: skip
     torch.manual_seed(config.seed)
     if config.train_passage_encoder and model.retriever.kind != "dense":
         raise ValueError(f"training d(z) needs the dense retriever, not {model.retriever.kind!r}")
@@ -267,7 +294,9 @@ def _train(model: RagModel, train_data: Sequence[Example], config: TrainConfig, 
         pool = SubstitutePool((e.input, e.target) for e in train_data)
     step = 0
     if resume and out is not None:
-        step = load_trainer_state(out / "checkpoint", model, optimizer, scheduler)
+        resume_from = out / "checkpoint"
+    if resume_from is not None:
+        step = load_trainer_state(resume_from, model, optimizer, scheduler)
     log = _open_log(out, step) if out is not None else None
     last = config.steps if stop_after is None else min(config.steps, step + stop_after)
     bar = _bar(progress, config.steps, step)
@@ -275,16 +304,19 @@ def _train(model: RagModel, train_data: Sequence[Example], config: TrainConfig, 
     dev: DevScores | None = None
     try:
         while step < last:
-            ids = batch_order(len(train_data), config.batch_size, config.seed, step * config.grad_accum,
+            world, rank = (1, 0) if replica is None else (replica.world, replica.rank)
+            ids = batch_order(len(train_data), config.batch_size * world, config.seed, step * config.grad_accum,
                               config.grad_accum)  # fmt: skip
-            record = train_step(model, [[train_data[i] for i in b] for b in ids], config, optimizer, scheduler,
-                                step, pool)  # fmt: skip
+            mine = [b[rank * config.batch_size : (rank + 1) * config.batch_size] for b in ids]  # this worker's share
+            record = train_step(model, [[train_data[i] for i in b] for b in mine], config, optimizer, scheduler,
+                                step, pool, replica)  # fmt: skip
             step += 1
             losses.append(record["loss"])
             if config.train_passage_encoder and (step == config.steps or
                                                  (config.reindex_every and step % config.reindex_every == 0)):
                 _reindex(model, record)
-            if dev_data and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
+            evaluates = replica is None or replica.rank == 0
+            if evaluates and dev_data and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
                 dev = evaluate_dev(model, dev_data, config)
                 record.update({f"dev_{k}": v for k, v in dev.__dict__.items()})
             _emit(log, bar, step, record, on_step)

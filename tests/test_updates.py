@@ -171,3 +171,50 @@ def test_cli_add_delete_compact_and_clear_errors(setup, tmp_path, capsys):
     assert main(["index", "compact", "--index", str(kb_dir), "--no-progress"]) == 0
     assert "data version 4" in capsys.readouterr().out
     assert sorted(p.name for p in kb_dir.iterdir()) == ["index", "meta.json", "passages.arrow"]
+
+
+def test_a_running_server_answers_from_the_new_version(world, tmp_path):
+    """rag serve follows `rag index add`: the next search and answer retrieve from the new version."""
+    import asyncio
+    import dataclasses
+    import shutil
+
+    import httpx
+
+    from rag.answering import Asker
+    from rag.config import DecodingConfig
+    from rag.corpus import Passage
+    from rag.server import Served, create_app
+
+    task, rag, *_ = world
+    kb_dir = tmp_path / "kb"
+    shutil.copytree(rag.index_dir, kb_dir)  # the session's world stays as it is
+    asker = Asker.load(dataclasses.replace(rag, kind="token", k=3, index_dir=str(kb_dir)),
+                       DecodingConfig(num_beams=1, max_new_tokens=4))  # fmt: skip
+    generator = asker.model.generator
+    app = create_app(Served(asker, kb_dir))
+    question = task.test[0].question
+    stored = open_knowledge_base(kb_dir)
+    top = Retriever.open(kb_dir, query_encoder=asker.model.query_encoder).retrieve([question], 1)
+    # a new passage whose d(z) is the question's best passage's, scaled: it outranks every passage
+    vector = stored.index.embeddings(top.rows[0]) * 3.0
+
+    async def search(client):
+        reply = await client.post("/v1/search", json={"query": question, "k": 3})
+        return [hit["id"] for hit in reply.json()["hits"]]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://rag", timeout=60) as client:
+                before = await search(client)
+                update_knowledge_base(kb_dir, Change(add=[Passage("fresh-0", "Fresh", "a fresh passage")],
+                                                     vectors=vector))  # fmt: skip
+                after = await search(client)
+                answer = (await client.post("/v1/answer", json={"question": question})).json()
+                return before, after, answer
+
+    before, after, answer = asyncio.run(main())
+    assert "fresh-0" not in before and after[0] == "fresh-0"
+    assert answer["passages"][0]["id"] == "fresh-0"
+    assert app.state.rag.engine.asker.model.generator is generator  # the generator was not reloaded

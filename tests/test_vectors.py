@@ -158,7 +158,9 @@ def test_ondisk_lists_search_like_in_memory_lists_and_resume_from_stages(tmp_pat
     stages = tmp_path / "stages"
     ondisk_config = IndexConfig(**{**config.__dict__, "ondisk_lists": True})
     disk = DenseIndex.build_from_file(tmp_path / "x.npy", ondisk_config, tmp_path / "disk", stages)
-    assert sorted(p.name for p in stages.iterdir()) == [f"block-{i:05d}.index" for i in range(5)] + ["trained.index"]
+    assert sorted(p.name for p in stages.iterdir()) == [f"block-{i:05d}.index" for i in range(5)] + ["timings.jsonl", "trained.index"]
+    phases = [json.loads(line)["phase"] for line in (stages / "timings.jsonl").read_text().splitlines()]
+    assert phases == ["train"] + ["add"] * 5 + ["merge"]
     a, b = memory.search(q, 10), disk.search(q, 10)
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_array_equal(a.scores, b.scores)

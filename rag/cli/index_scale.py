@@ -4,6 +4,7 @@
     rag index add --index KB --corpus new.jsonl         # add passages; ids (documents) already there are replaced
     rag index delete --index KB --corpus old.jsonl      # delete those documents' passages (or --ids FILE)
     rag index compact --index KB                        # one part again: no segments, no tombstones
+    rag index plan --passages 21000000 --dim 768 --ram 24GiB --recall 0.95   # machines, index, q/s
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def register_scale(sub: argparse._SubParsersAction) -> None:
     add_index_arguments(compact, query_encoder=False)
     compact.add_argument("--no-progress", action="store_true")
     compact.set_defaults(func=run_compact)
+
+    plan = sub.add_parser("plan", help="the index, machines and memory that N passages need (from measurements)")
+    plan.add_argument("--passages", type=int, required=True)
+    plan.add_argument("--dim", type=int, default=768)
+    plan.add_argument("--ram", default="24GiB", help="RAM per machine (24GiB, 64G, ...)")
+    plan.add_argument("--recall", type=float, default=0.95, help="recall@10 against exact search to reach")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=run_plan)
 
 
 def _changed_knowledge_base(args: argparse.Namespace) -> Path:
@@ -105,4 +114,38 @@ def run_compact(args: argparse.Namespace) -> int:
 
     info = compact_knowledge_base(_changed_knowledge_base(args), progress=not args.no_progress)
     print(f"{info.path}: compacted to data version {info.version}, {info.passages} passages, {info.seconds:.1f} s")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rag.plan import load_measurements, parse_bytes, plan_table
+
+    if not 0 < args.recall <= 1:
+        raise ValueError(f"--recall must be in (0, 1], got {args.recall}")
+    table = plan_table(args.passages, args.dim, parse_bytes(args.ram), args.recall, load_measurements())
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"{args.passages:,} passages x {args.dim} dims on machines of {table['ram_gib']:.0f} GiB, "
+          f"recall@10 >= {args.recall}:")
+    header = ("index", "setting", "machines", "RAM/machine GiB", "disk/machine GiB", "recall@10", "q/s b1",
+              "q/s b64", "build CPU h")  # fmt: skip
+    rows = [(r["kind"], r["setting"], r["machines"], f"{r['ram_per_machine_gib']:.1f}",
+             f"{r['disk_per_machine_gib']:.1f}", f"{r['recall_at_10']:.3f}" + ("*" if r["recall_extrapolated"] else ""),
+             f"{r['qps_b1']:.1f}", f"{r['qps_b64']:.1f}", f"{r['build_cpu_hours']:.1f}") for r in table["options"]]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for line in (header, *rows):
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)))
+    best = table["recommended"]
+    if best is None:
+        print(f"no measured setting reaches recall@10 {args.recall}")
+        return 1
+    print(f"recommended: {best['kind']} ({best['setting']}) in {best['machines']} shard(s), one per machine: "
+          f"{best['passages_per_shard']:,} passages and {best['ram_per_machine_gib']:.1f} GiB RAM each, "
+          f"recall@10 {best['recall_at_10']:.3f}, {best['qps_b1']:.1f} q/s per core at batch 1 "
+          f"({best['latency_ms']:.0f} ms), {best['qps_b64']:.1f} at batch 64")
+    print("  (* recall measured at fewer passages; q/s per core, measured on one core and scaled to the "
+          "shard size: rag/plan.py)")
     return 0

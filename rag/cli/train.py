@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in --out, replacing the run there")
     p.add_argument("--stop-after", type=COUNT, default=None, help="stop after N steps of this invocation")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ray-workers", type=OPTIONAL_COUNT, default=0,
+                   help="train data-parallel on N Ray Train workers (DDP over gloo, batch per worker; the "
+                        "knowledge base served once by shard actors); on the --ray cluster, else a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="train_command")
@@ -129,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     train_data = read_examples(args.train_file, args.task, **options)
     dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
     config = dataclasses.replace(config, rag=rag_config(args))
+    if args.ray_workers:
+        from rag.distributed.training import train_on_ray
+
+        done = train_on_ray(config, train_data, dev_data, args.out, args.ray_workers, address=args.ray or "",
+                            resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)  # fmt: skip
+        print(json.dumps({"steps": done["steps"], "checkpoint": str(Path(args.out) / "checkpoint"),
+                          "workers": args.ray_workers}))  # fmt: skip
+        return 0
     model = RagModel.from_config(config.rag, args.device)
     result = train(model, train_data, config, dev_data, args.out, resume=args.resume,
                    progress=not args.quiet, stop_after=args.stop_after, overwrite=args.overwrite,

@@ -117,7 +117,7 @@ class _State:
 
     def describe_model(self) -> dict[str, Any]:
         assert self.served is not None
-        model = self.served.asker.model
+        model = (self.engine or self.served).asker.model  # the engine follows updates
         return {
             "name": self.config.model_name,
             "kind": model.kind,
@@ -130,7 +130,7 @@ class _State:
 
     def describe_knowledge_base(self) -> dict[str, Any]:
         assert self.served is not None
-        index = self.served.asker.model.retriever.index
+        index = (self.engine or self.served).asker.model.retriever.index  # the engine follows updates
         out: dict[str, Any] = {"passages": len(index), "dim": getattr(index, "dim", None)}
         index_dir = self.served.index_dir
         if index_dir is not None:
@@ -188,6 +188,7 @@ def create_app(load: Served | Callable[[], Served], config: ServerConfig = Serve
     @app.post("/v1/search", response_model=SearchResponse, dependencies=[Depends(auth)])
     def search(body: SearchRequest) -> dict[str, Any]:
         engine = state.ready_engine()
+        engine.follow_updates()
         retriever = engine.asker.model.retriever
         if body.k > len(retriever.index):
             raise ApiError(422, "invalid_request_error", f"k = {body.k} exceeds the {len(retriever.index)} passages")

@@ -100,6 +100,7 @@ class Engine:
         self._running = 0  # jobs of the batch being answered
         self._thread = threading.Thread(target=self._work, name="rag-engine", daemon=True)
         self._askers: dict[Settings, Asker] = {}
+        self._refresh_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -140,6 +141,7 @@ class Engine:
             if batch is None:
                 return
             try:
+                self.follow_updates()
                 self._answer(batch)
             finally:
                 with self._cond:
@@ -183,6 +185,17 @@ class Engine:
                 continue
             live.append(job)
         return live
+
+    def follow_updates(self) -> None:
+        """Pick up a new data version of the knowledge base (rag index add / delete / compact changed it
+        in place) by the hot-swap, rag.hotswap.refresh: the next batch retrieves from it with the same
+        loaded q(x) and generator. One read of its meta.json when nothing changed."""
+        from rag.hotswap import refresh
+
+        with self._refresh_lock:
+            model = refresh(self.asker.model)
+            if model is not self.asker.model:
+                self.asker, self._askers = Asker(model, self.asker.config), {}
 
     def _asker(self, settings: Settings) -> Asker:
         if settings not in self._askers:
