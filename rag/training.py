@@ -164,7 +164,7 @@ def draw_substitutions(batch: Sequence[Example], pool: SubstitutePool | None, ra
 
 @dataclass(frozen=True)
 class DataParallel:
-    """This process's share of data-parallel training (rag.distributed.training): worker `rank` of
+    """This process's share of data-parallel training (rag.train_distributed): worker `rank` of
     `world` takes examples [rank*B, (rank+1)*B) of each global batch of world*B examples, and runs the
     forward through `module` (a DistributedDataParallel wrapper of the model), whose backward averages
     the gradients over the workers. Only worker 0 writes the run folder."""

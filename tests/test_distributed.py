@@ -152,8 +152,8 @@ def test_two_ray_train_workers_follow_one_process_with_the_doubled_batch(cluster
     import dataclasses
 
     from rag.config import TrainConfig
-    from rag.distributed.training import train_on_ray
     from rag.model import RagModel
+    from rag.train_distributed import train_on_ray
     from rag.training import train
 
     _, rag, _, train_set, _ = world

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     dev_data = read_task(args.task, args.dev_file, **options) if args.dev_file else []
     config = dataclasses.replace(config, rag=rag_config(args))
     if args.ray_workers:
-        from rag.distributed.training import train_on_ray
+        from rag.train_distributed import train_on_ray
 
         done = train_on_ray(config, train_data, dev_data, args.out, args.ray_workers, address=args.ray or "",
                             resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)  # fmt: skip

@@ -3,7 +3,8 @@
 - `rag.distributed.shards`: a sharded knowledge base served by Ray actors, one per shard, each
   holding only its slice; scatter/gather with the exact merge of rag.shards.
 - `rag.distributed.encoding`: `rag index build --ray`, the passages embedded with Ray Data.
-- `rag.distributed.training`: `rag train --ray-workers N`, Ray Train's TorchTrainer (DDP over gloo).
+(`rag train --ray-workers N`, Ray Train's TorchTrainer with DDP over gloo, is rag.train_distributed:
+it sits above rag.training and the retriever, which this package sits below.)
 
 `connect(address)` joins a cluster once per process, as ray.init reads its address: "auto" the
 cluster `ray start` runs on this machine (or RAY_ADDRESS; an error if there is none), "" the same
