@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ from rag.config import DecodingConfig
 from rag.corpus import Passage
 from rag.decoding import generate as decoding_generate
 from rag.tasks import Example
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rag.model import RagModel
@@ -167,18 +170,24 @@ def refresh(model: RagModel) -> RagModel:
     """`model` if its knowledge base is unchanged on disk, else a model over the newest data version
     (rag.updates: passages added, replaced or deleted since it was opened) that shares the query
     encoder and generator with `model`: the hot-swap, for a knowledge base that changed in place."""
+    from rag.io import read_format_json
     from rag.knowledge import FORMAT, META_FILE, data_version
+    from rag.manifest import IntegrityError
     from rag.retriever import Retriever
 
     source = getattr(model.retriever, "source", None)
     if source is None:
         return model  # a retriever made in memory: nothing on disk to follow
-    from rag.io import read_format_json
-
     meta = read_format_json(source.path, META_FILE, FORMAT, "knowledge base (rag index build)")
     if data_version(meta) == source.version:
         return model
-    return swap_index(model, Retriever.open(source.path, query_encoder=model.query_encoder, ray=source.ray))
+    try:
+        retriever = Retriever.open(source.path, query_encoder=model.query_encoder, ray=source.ray)
+    except IntegrityError as error:  # an update between its meta.json switch and its manifest (rag.updates)
+        log.warning("%s: data version %s not taken up yet, still answering from version %s: %s",
+                    source.path, data_version(meta), source.version, error)  # fmt: skip
+        return model
+    return swap_index(model, retriever)
 
 
 def derive_knowledge_base(

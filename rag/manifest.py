@@ -1,7 +1,8 @@
 """The integrity of a finished folder (a knowledge base): every file's size and SHA-256, checked on open.
 
-    manifest.json     {"format", "files": {relative path: {"size", "sha256"}}}: written last, when the
-                      folder is complete (and again by whatever adds a part later, e.g. a BM25 index)
+    manifest.json     {"format", "files": {relative path: {"size", "sha256"}}[, "nested": [sub-folder]]}:
+                      written last, when the folder is complete (and again by whatever adds a part
+                      later, e.g. a BM25 index, or changes it, e.g. a live update)
     .verified.json    when the hashes were last found right: each file's (size, mtime, inode, ctime)
                       then, and the manifest's own hash
 
@@ -11,6 +12,9 @@ copy, or any change to a file (ctime moves with every write and cannot be set ba
 later opens do not. `verify_folder(full=True)` (rag index verify) hashes everything regardless.
 A file that is missing, of another size or another hash is an IntegrityError naming it: a swapped or
 edited file never gives answers. Hidden files (locks, temporaries, the stamp) are not part of it.
+"nested" sub-folders (a sharded knowledge base's shards) have manifests of their own, checked when
+each is opened (by the process or Ray actor serving it): the folder's manifest covers only their
+manifest.json, so a shard swapped for another is still caught, and hashing a shard is never repeated.
 """
 
 from __future__ import annotations
@@ -53,24 +57,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _members(folder: Path) -> list[Path]:
-    """The files a manifest covers: every regular file under `folder`, except hidden ones and itself."""
+def _members(folder: Path, nested: tuple[str, ...] = ()) -> list[Path]:
+    """The files a manifest covers: every regular file under `folder`, except hidden ones and itself,
+    and of a `nested` sub-folder only its own manifest."""
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or rel.as_posix() == MANIFEST_FILE:
+            continue
+        if rel.parts[0] in nested and rel.as_posix() != f"{rel.parts[0]}/{MANIFEST_FILE}":
             continue
         if path.is_file():
             out.append(path)
     return out
 
 
-def write_manifest(folder: Path | str) -> dict[str, Any]:
-    """Hash every file of `folder` into its manifest.json (atomically, last), and stamp it verified."""
+def write_manifest(folder: Path | str, nested: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Hash every file of `folder` into its manifest.json (atomically, last), and stamp it verified.
+    nested: sub-folders that hold manifests of their own (written before this one): only those are covered."""
     folder = Path(folder)
+    for sub in nested:
+        if read_manifest(folder / sub) is None:
+            raise IntegrityError(f"{folder / sub}: a nested folder needs its own {MANIFEST_FILE} first")
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in _members(folder)}  # fmt: skip
-    manifest = {"format": FORMAT, "version": 1, "files": files}
+             for p in _members(folder, nested)}  # fmt: skip
+    manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "files": files}
+    if nested:
+        manifest["nested"] = list(nested)
     atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
     _write_stamp(folder, files)
     return manifest
@@ -91,7 +104,7 @@ def update_manifest(folder: Path | str, parts: list[str]) -> None:
     valid = isinstance(stamp, dict) and stamp.get("manifest") == _manifest_hash(folder)
     seen = {k: v for k, v in stamp["files"].items() if not updated(k)} if valid and isinstance(stamp.get("files"), dict) else {}
     files = {name: entry for name, entry in manifest["files"].items() if not updated(name)}
-    for path in _members(folder):
+    for path in _members(folder, tuple(manifest.get("nested", ()))):
         rel = path.relative_to(folder).as_posix()
         if updated(rel):
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -108,18 +121,21 @@ def read_manifest(folder: Path | str) -> dict[str, Any] | None:
         return None
     data = _read_json(path)
     files = data.get("files") if isinstance(data, dict) else None
+    nested = data.get("nested", []) if isinstance(data, dict) else None
     if (not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(files, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values())):  # fmt: skip
+            for e in files.values()) or not isinstance(nested, list) or not all(
+            isinstance(n, str) and n and "/" not in n and not n.startswith(".") for n in nested)):  # fmt: skip
         raise IntegrityError(f"{path}: not a manifest this version wrote (format {FORMAT!r}, files with size "
-                             "and sha256)")  # fmt: skip
+                             "and sha256, nested sub-folder names)")  # fmt: skip
     return data
 
 
 def verify_folder(folder: Path | str, full: bool = False, optional: tuple[str, ...] = ()) -> Verification:
     """Check `folder` against its manifest: sizes always, hashes if `full` or the stamp is stale.
     `optional`: parts (files or sub-folders) that may be absent as a whole (a derived part that is
-    rebuilt when missing, e.g. a BM25 index); a part present in part is an error like any other."""
+    rebuilt when missing, e.g. a BM25 index); a part present in part is an error like any other.
+    full: the nested sub-folders too, each against its own manifest (otherwise whoever opens one does)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -147,7 +163,11 @@ def verify_folder(folder: Path | str, full: bool = False, optional: tuple[str, .
             problems.append(f"{folder / name}: content differs from the manifest (SHA-256)")
     _raise(folder, problems)
     _write_stamp(folder, files)
-    return Verification(folder, len(files), total, True, False)
+    count = len(files)
+    for sub in manifest.get("nested", []) if full else []:
+        inner = verify_folder(folder / sub, full=True, optional=optional)
+        count, total = count + inner.files, total + inner.bytes
+    return Verification(folder, count, total, True, False)
 
 
 def _raise(folder: Path, problems: list[str]) -> None:

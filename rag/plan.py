@@ -109,7 +109,9 @@ def load_measurements() -> list[Measured]:
     try:
         from rag.scale_measurements import MEASUREMENTS
     except ImportError:
-        raise ValueError("no scale measurements: run `python bench/bench_scale.py --write-plan` first") from None
+        raise ValueError("no scale measurements: rag index plan gives only figures scaled from a measured run, and "
+                         "none is recorded in this install (rag/scale_measurements.py); measure one with "
+                         "`python bench/bench_scale.py`, then `--write-plan`") from None  # fmt: skip
     return [Measured(**m) for m in MEASUREMENTS]
 
 

@@ -38,6 +38,7 @@ from rag.knowledge import (
     is_knowledge_base,
     open_knowledge_base,
 )
+from rag.manifest import write_manifest
 from rag.npy import write_matrix
 from rag.store import write_passage_store
 
@@ -81,6 +82,7 @@ def shard_knowledge_base(source: Path | str, shards: int, out_dir: Path | str, p
         meta = _base_meta(kb.meta) | {"shards": names, "passages": len(kb.index),
                                       "sharded_from": str(source)}  # fmt: skip
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        write_manifest(tmp, nested=tuple(names))  # its own files and each shard's manifest (rag.manifest)
     return ShardInfo(out_dir, shards, len(kb.index), [hi - lo for lo, hi in bounds], time.perf_counter() - start)
 
 
@@ -104,6 +106,7 @@ def _write_shard(kb: KnowledgeBase, config: IndexConfig, lo: int, hi: int, out: 
             stage.unlink(missing_ok=True)
         meta = _base_meta(kb.meta) | {"passages": hi - lo, "shard": shard}
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        write_manifest(tmp)  # last: checked by whoever opens the shard (this process or its Ray actor)
 
 
 def _passages(kb: KnowledgeBase, lo: int, hi: int) -> Iterator[Passage]:

@@ -9,7 +9,10 @@ version v plus, written in this order:
   deleted or replaced so far: tombstones, applied inside every search (rag.index live masks: -inf
   scores for flat, a FAISS IDSelector for IVF and HNSW), so results equal those of an index that
   never held them;
-- meta.json, rewritten last in one rename: the switch from v to v+1.
+- meta.json, rewritten in one rename: the switch from v to v+1;
+- the manifest (rag.manifest), re-hashing only what changed. A reader that opens the folder between
+  the switch and the manifest finds them disagreeing (an IntegrityError); rag.hotswap.refresh then
+  keeps its current version and tries again at its next call.
 Nothing already written changes: a process that opened version v keeps reading it, and picks up v+1
 through the hot-swap (rag.hotswap.refresh) without reloading its generator.
 
@@ -55,6 +58,7 @@ from rag.knowledge import (
     is_knowledge_base,
     open_knowledge_base,
 )
+from rag.manifest import MANIFEST_FILE, update_manifest, write_manifest
 from rag.npy import write_matrix
 from rag.store import PassageStore, write_passage_store
 from rag.vectors import IdLookup, align_embeddings, open_embeddings
@@ -157,11 +161,12 @@ def _update(kb_dir: Path, change: Change, device: str) -> UpdateInfo:
     lookup = IdLookup(kb.passages.ids())
     doomed, replaced = _rows_to_delete(lookup, change, ids)
     version = data_version(kb.meta) + 1
-    segments = list(kb.meta.get("segments", []))
+    segments, written = list(kb.meta.get("segments", [])), [META_FILE]
     if change.add:
         name = f"{UPDATES_DIR}/{version:06d}"
         _write_segment(kb, change, kb_dir / name, device)
         segments.append(name)
+        written.append(name)
     sizes = _part_sizes(kb)
     deleted = _deleted_rows(kb_dir, kb.meta, kb, doomed, sizes)
     meta = {k: v for k, v in kb.meta.items() if k not in ("segments", "deleted")}
@@ -173,7 +178,9 @@ def _update(kb_dir: Path, change: Change, device: str) -> UpdateInfo:
         with atomic_path(kb_dir / meta["deleted"]) as tmp, open(tmp, "wb") as f:
             np.save(f, deleted)
     atomic_write_text(kb_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))  # the switch
+    written += [p.name for p in kb_dir.glob("deleted-*.npy")]  # the new tombstones, and old ones dropped now
     _drop_old_tombstones(kb_dir, version)
+    update_manifest(kb_dir, written)  # re-hashes only what this version wrote or dropped
     return UpdateInfo(kb_dir, version, len(change.add) - replaced, replaced, len(doomed) - replaced,
                       meta["passages"], len(deleted), time.perf_counter() - start)  # fmt: skip
 
@@ -314,6 +321,7 @@ def _update_sharded(kb_dir: Path, meta: dict[str, Any], change: Change, device: 
     version = data_version(meta) + 1
     atomic_write_text(kb_dir / META_FILE, json.dumps(meta | {"data_version": version, "passages": total},
                                                      indent=2, sort_keys=True))  # fmt: skip
+    update_manifest(kb_dir, [META_FILE, *(f"{name}/{MANIFEST_FILE}" for name in meta["shards"])])
     return UpdateInfo(kb_dir, version, sum(i.added for i in infos), sum(i.replaced for i in infos),
                       sum(i.deleted for i in infos), total, sum(i.tombstones for i in infos),
                       time.perf_counter() - start)  # fmt: skip
@@ -334,6 +342,7 @@ def compact_knowledge_base(kb_dir: Path | str, progress: bool = False) -> Update
                 _compact(kb_dir / name, open_knowledge_base(kb_dir / name), progress)
             meta = kb.meta | {"data_version": version}
             atomic_write_text(kb_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            update_manifest(kb_dir, [META_FILE, *(f"{name}/{MANIFEST_FILE}" for name in kb.meta["shards"])])
         else:
             _compact(kb_dir, kb, progress, version)
         return UpdateInfo(kb_dir, version, 0, 0, 0, len(kb.index), 0, time.perf_counter() - start)
@@ -356,5 +365,6 @@ def _compact(kb_dir: Path, kb: KnowledgeBase, progress: bool, version: int | Non
             meta = {k: v for k, v in kb.meta.items() if k not in ("segments", "deleted")}
             meta |= {"passages": n, "data_version": version or data_version(kb.meta) + 1}
             atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            write_manifest(tmp)  # last, as a build's
     finally:
         stage.unlink(missing_ok=True)

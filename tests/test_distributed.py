@@ -21,6 +21,7 @@ from rag.retriever import Retriever
 from rag.sharding import shard_knowledge_base
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'rag[ray]'")
+pytestmark = pytest.mark.slow  # a local Ray cluster: tens of seconds to start, minutes in all, GBs of memory
 
 from rag.distributed.shards import RayPartedIndex, ShardUnavailableError, actor_info, open_on_ray  # noqa: E402
 

@@ -3,6 +3,8 @@ shards' top-k equals one index over all passages."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from tiny_encoders import WORDS_PER_PASSAGE, tiny_sentence_transformers_dir, write_corpus
@@ -11,6 +13,7 @@ from rag.cli import main
 from rag.config import CorpusConfig, EncoderConfig, IndexConfig
 from rag.index import DenseIndex
 from rag.knowledge import build_knowledge_base, open_knowledge_base
+from rag.manifest import IntegrityError
 from rag.retriever import Retriever
 from rag.sharding import shard_bounds, shard_knowledge_base
 from rag.shards import PartedIndex, PartedPassages, RowSpace
@@ -44,7 +47,8 @@ def test_sharded_search_equals_the_unsharded_index(kb, shards):
     info = shard_knowledge_base(kb_dir, shards, out)
     whole = open_knowledge_base(kb_dir)
     assert info.rows_per_shard == [hi - lo for lo, hi in shard_bounds(len(whole.index), shards)]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard-{i:03d}" for i in range(shards)]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["manifest.json", "meta.json"] + [
+        f"shard-{i:03d}" for i in range(shards)]  # fmt: skip
     parted = open_knowledge_base(out)
     assert isinstance(parted.index, PartedIndex) and len(parted.index) == len(whole.index)
     assert parted.passages.ids().to_pylist() == whole.passages.ids().to_pylist()
@@ -72,6 +76,15 @@ def test_cli_build_with_shards_and_shard_command(kb, tmp_path, capsys):
     assert main(["index", "shard", "--index", str(kb_dir), "--shards", "1000", "--out", str(tmp_path / "x")]) == 2
     assert "--shards must be in [1," in capsys.readouterr().err
     assert main(["index", "info", "--index", str(out), "--json"]) == 0
+    capsys.readouterr()
+    # the top manifest covers its own files and each shard's manifest; `verify` checks every shard too
+    assert main(["index", "verify", "--index", str(out)]) == 0
+    top = len(json.loads((out / "manifest.json").read_text())["files"])
+    assert f"ok: {top + 2 * len(json.loads((out / 'shard-000' / 'manifest.json').read_text())['files'])} files" \
+        in capsys.readouterr().out  # shard-000 and shard-001 have the same files
+    (out / "shard-001" / "passages.arrow").write_bytes((out / "shard-000" / "passages.arrow").read_bytes())
+    with pytest.raises(IntegrityError, match="shard-001"):
+        open_knowledge_base(out)  # a shard's file swapped: caught when the shard is opened
 
 
 @pytest.mark.parametrize("seed", range(4))

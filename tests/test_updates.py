@@ -161,6 +161,8 @@ def test_cli_add_delete_compact_and_clear_errors(setup, tmp_path, capsys):
     (tmp_path / "ids.txt").write_text("d30-0\nd31-0\n")
     assert main(["index", "delete", "--index", str(kb_dir), "--ids", str(tmp_path / "ids.txt")]) == 0
     assert "data version 3; 0 added, 0 replaced, 2 deleted" in capsys.readouterr().out
+    assert main(["index", "verify", "--index", str(kb_dir)]) == 0  # segment, tombstones, meta.json recorded
+    assert "every size and SHA-256 as recorded" in capsys.readouterr().out
     assert main(["index", "delete", "--index", str(kb_dir), "--ids", str(tmp_path / "ids.txt")]) == 2  # gone already
     assert "passage id 'd30-0' is not in the knowledge base" in capsys.readouterr().err
     assert main(["index", "add", "--index", str(kb_dir), "--corpus", str(tmp_path / "update.jsonl"), "--words", "7"]) == 2
@@ -170,7 +172,9 @@ def test_cli_add_delete_compact_and_clear_errors(setup, tmp_path, capsys):
     assert "name it with --index" in capsys.readouterr().err
     assert main(["index", "compact", "--index", str(kb_dir), "--no-progress"]) == 0
     assert "data version 4" in capsys.readouterr().out
-    assert sorted(p.name for p in kb_dir.iterdir()) == ["index", "meta.json", "passages.arrow"]
+    assert sorted(p.name for p in kb_dir.iterdir() if not p.name.startswith(".")) == [
+        "index", "manifest.json", "meta.json", "passages.arrow"]  # fmt: skip
+    assert main(["index", "verify", "--index", str(kb_dir)]) == 0  # every version's manifest was kept right
 
 
 def test_a_running_server_answers_from_the_new_version(world, tmp_path):

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from rag.cli.model_options import add_index_arguments, knowledge_base
-from rag.cli.numbers import COUNT, OPTIONAL_COUNT
+from rag.cli.numbers import COUNT, OPTIONAL_COUNT, number
 
 
 def register_scale(sub: argparse._SubParsersAction) -> None:
@@ -49,10 +49,10 @@ def register_scale(sub: argparse._SubParsersAction) -> None:
     compact.set_defaults(func=run_compact)
 
     plan = sub.add_parser("plan", help="the index, machines and memory that N passages need (from measurements)")
-    plan.add_argument("--passages", type=int, required=True)
-    plan.add_argument("--dim", type=int, default=768)
+    plan.add_argument("--passages", type=COUNT, required=True)
+    plan.add_argument("--dim", type=COUNT, default=768)
     plan.add_argument("--ram", default="24GiB", help="RAM per machine (24GiB, 64G, ...)")
-    plan.add_argument("--recall", type=float, default=0.95, help="recall@10 against exact search to reach")
+    plan.add_argument("--recall", type=number(gt=0, max=1), default=0.95, help="recall@10 against exact search to reach")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=run_plan)
 
@@ -122,8 +122,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
     from rag.plan import load_measurements, parse_bytes, plan_table
 
-    if not 0 < args.recall <= 1:
-        raise ValueError(f"--recall must be in (0, 1], got {args.recall}")
     table = plan_table(args.passages, args.dim, parse_bytes(args.ram), args.recall, load_measurements())
     if args.json:
         print(json.dumps(table, indent=2))
@@ -146,6 +144,7 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{best['passages_per_shard']:,} passages and {best['ram_per_machine_gib']:.1f} GiB RAM each, "
           f"recall@10 {best['recall_at_10']:.3f}, {best['qps_b1']:.1f} q/s per core at batch 1 "
           f"({best['latency_ms']:.0f} ms), {best['qps_b64']:.1f} at batch 64")
-    print("  (* recall measured at fewer passages; q/s per core, measured on one core and scaled to the "
-          "shard size: rag/plan.py)")
+    print("  figures: measured at n0 passages by bench/bench_scale.py (rag/scale_measurements.py), scaled to "
+          f"{args.passages:,} by rag/plan.py's rules, not measured at that size; * recall measured at fewer "
+          "passages; q/s per core, measured on one core")  # fmt: skip
     return 0

@@ -40,13 +40,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def numpy_hits(index: str, encoder: EncoderConfig, args: argparse.Namespace) -> list[list[dict[str, Any]]] | None:
     """The dense retriever's hits with q(x) in numpy (rag.numpy_encoder), or None where that forward does
-    not apply (then the torch retriever runs). Scores are q(x) . d(z) of the stored d(z), as Retriever's."""
-    from rag.knowledge import open_knowledge_base
+    not apply (then the torch retriever runs). Scores are q(x) . d(z) of the stored d(z), as Retriever's.
+    --ray: the shards' actors search (rag.distributed.shards), with the same q(x) as a local search."""
+    from rag.knowledge import KnowledgeBase, open_knowledge_base
     from rag.numpy_encoder import load_numpy_encoder
 
-    kb = open_knowledge_base(index)
     fast = load_numpy_encoder(encoder)
-    if fast is None or fast.dim != kb.index.dim:
+    if fast is None:
+        return None
+    if args.ray:
+        from rag.distributed.shards import open_on_ray
+
+        kb = KnowledgeBase(*open_on_ray(index, args.ray))
+    else:
+        kb = open_knowledge_base(index)
+    if fast.dim != kb.index.dim:
         return None
     if args.k > len(kb.index):
         raise ValueError(f"-k {args.k} exceeds the {len(kb.index)} passages in {index}")
@@ -76,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
         from rag.reader import reader_query_encoder
 
         encoder = reader_query_encoder(args.reader, encoder)
-    local_dense = encoder is not None and args.retriever == "dense" and not args.ray
-    per_query = numpy_hits(index, encoder, args) if local_dense else None  # --ray: the shards' actors search
+    per_query = numpy_hits(index, encoder, args) if encoder is not None and args.retriever == "dense" else None
     if per_query is None:
         from rag.retriever import open_retriever
 
