@@ -257,9 +257,9 @@ def train(model: RagModel, train_data: Sequence[Example], config: TrainConfig,
     if len(train_data) < config.batch_size * world:
         raise ValueError(f"{len(train_data)} training examples < batch_size {config.batch_size} x {world} workers")
     if replica is not None and (config.train_passage_encoder or config.generator_lora or config.query_lora
-                                or config.counterfactual_rate):  # fmt: skip
-        raise ValueError("data-parallel training covers q(x) and the generator in full; not d(z), LoRA or "
-                         "counterfactual passages")  # fmt: skip
+                                or config.counterfactual_rate or config.closed_book):  # fmt: skip
+        raise ValueError("data-parallel training covers q(x) and the generator in full with retrieval; not d(z), "
+                         "LoRA, counterfactual passages or closed-book")  # fmt: skip
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     if out_dir is None:
