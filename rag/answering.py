@@ -311,10 +311,15 @@ def rag_model_config(
     trained = None
     if not checkpoint and (reader != "default" or default_reader_applies(generator_config.path)):
         trained = load_reader(reader)
-    if query_encoder or query_scale is not None or (trained is not None and trained.query_delta is not None):
+    flags = bool(query_encoder) or query_scale is not None
+    if flags or (trained is not None and trained.query_delta is not None):
         from rag.knowledge import default_knowledge_base, query_encoder_config
 
-        query = query_encoder_config(index or default_knowledge_base(), query_encoder or query, query_scale)
+        resolved = query_encoder_config(index or default_knowledge_base(), query_encoder or query, query_scale)
+        # the rule's q(x) is spelled out only where flags change it or the reader's q(x) delta applies to it;
+        # otherwise it stays None (the rule, resolved where the model is built)
+        if flags or (trained is not None and resolved.path == trained.query_base):
+            query = resolved
     if not checkpoint:
         generator_config, query = with_reader(trained, generator_config, query, prompt)
     return replace(base, kind=kind or base.kind, k=base.k if k is None else k, index_dir=index,

@@ -228,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     kbs, dev = knowledge_bases(data), dev_cells(data)
 
     def save() -> None:
-        # Stages may run as separate processes (one per free core): each writes back only the stages it ran,
-        # over what the others have saved meanwhile.
+        # Stages may run as separate processes (one per free core): each writes back only what it ran, over
+        # what the others have saved meanwhile. Every stage is a dict by model or set, merged key by key.
         on_disk = json.loads(path.read_text()) if path.is_file() else {}
-        atomic_write_text(path, json.dumps({**on_disk, **{s: report[s] for s in written}}, indent=2, default=str))
+        for stage in written:
+            on_disk[stage] = {**on_disk.get(stage, {}), **report[stage]}
+        atomic_write_text(path, json.dumps(on_disk, indent=2, default=str))
 
     written: set[str] = set()
 
