@@ -257,7 +257,8 @@ def test_scifact_bad_label_and_conflicting_labels_name_the_line(tmp_path):
     missing = write(tmp_path, "c.csv", "id,claim\n1,x\n")
     with pytest.raises(TaskFormatError) as err:
         read_task("scifact", missing)
-    assert_names(err, missing, 1, "evidence_doc_id")
+    assert_names(err, missing, 1, "header")
+    assert "'evidence_doc_id'" in str(err.value)  # the missing column is named
 
 
 def _climate(claim_id: int, label: str, evidences: list[tuple[str, str]]) -> str:

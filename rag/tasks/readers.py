@@ -298,9 +298,11 @@ def read_scifact(
         with opener() as handle:
             reader = csv.reader(handle)
             header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise TaskFormatError(file, 1, "header", "empty file")
             for name in ("id", "claim", "evidence_doc_id", "evidence_label"):
                 if name not in header:
-                    raise TaskFormatError(file, 1, name, f"missing from the header {header}")
+                    raise TaskFormatError(file, 1, "header", f"column {name!r} missing from {header}")
             group: list[dict[str, str]] = []
             position, start, line = 0, 2, 2
             for row in reader:
