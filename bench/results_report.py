@@ -36,6 +36,9 @@ def _header(report: dict[str, Any], command: str) -> list[str]:
     return [
         "# Evaluation results",
         "",
+        "These figures are the untrained models' (`RagConfig()`: the short-answer prompt, no reader);",
+        "results/reader.md measures the shipped trained reader on the same sets and questions.",
+        "",
         f"Reproduce with `{command}` (default models: all-MiniLM-L6-v2 as q(x) and d(z), "
         f"SmolLM2-135M-Instruct as generator in {report.get('dtype', 'float32')}, prompt "
         f"`{report.get('prompt', 'chat')}`; exact flat index). Whole command: {report['wall_s'] / 60:.1f} min "

@@ -171,6 +171,16 @@ def export(checkpoint: Path, folder: Path, dtype: str = "bfloat16", info: dict[s
     return folder
 
 
+def _record_run(run_dir: Path) -> None:
+    """The shipped run's config and log into results/, beside results/reader.md (paths relative to the checkout)."""
+    from rag.io import atomic_write_text
+
+    config = json.loads((run_dir / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    text = json.dumps({"rag": config["rag"], "train": config["train"]}, indent=2).replace(f"{ROOT}/", "")
+    atomic_write_text(ROOT / "results" / "reader-train-config.json", text + "\n")
+    atomic_write_text(ROOT / "results" / "reader-train-log.jsonl", (run_dir / "log.jsonl").read_text(encoding="utf-8"))
+
+
 def _shown(path: Path) -> str:
     """A path as the manifest records it: relative to the checkout (never this machine's layout)."""
     try:
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_cpu_hours": round(sum(r["seconds"] for r in log) / 3600, 2),
                 "settings": dataclasses.asdict(RUNS[args.run])}  # fmt: skip
         print(export(run_dir / "checkpoint", READER_DIR, "bfloat16", info))
+        _record_run(run_dir)
     return 0
 
 
