@@ -167,3 +167,19 @@ def test_answers_follow_the_plugged_in_index_with_the_default_models(tmp_path):
     # and the answers move with it, without retraining (a 135M model also answers from its parameters
     # for famous capitals, so the swap moves part of the answers, not all)
     assert result.table["B"]["B"] > result.table["A"]["B"] and result.table["A"]["A"] > result.table["B"]["A"]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_shipped_reader_answers_from_the_plugged_in_index(tmp_path):
+    """Issue 9's promise: with the trained reader (every default of `rag ask`), swapping the index changes
+    the answers: most answers state index B's capital under B, and hardly any state B's under A."""
+    from rag.answering import rag_model_config
+    from rag.hotswap import hotswap_experiment
+    from rag.knowledge import default_knowledge_base
+
+    model = RagModel.from_config(rag_model_config())
+    assert model.generator.generator_config.deltas  # the reader's delta is merged
+    result = hotswap_experiment(model, default_knowledge_base(), tmp_path, n_questions=20)
+    assert result.table["B"]["B"] > 0.5 and result.table["A"]["A"] > 0.5  # most answers follow the index in use
+    assert result.table["A"]["B"] <= 0.1  # under A, B's facts are (nearly) never stated
