@@ -3,8 +3,7 @@
     python bench/bench_serve.py                  # the defaults (about 6 minutes)
     python bench/bench_serve.py --quick          # a smoke run: shorter phases, fewer clients
 
-The server is `rag serve` itself (a subprocess, every model default, --threads 1: the machine's other
-core is taken by a training job), started twice in one run: with micro-batching (--max-batch 8) for
+The server is `rag serve` itself (a subprocess, every model default, --threads 1: the other core runs the clients), started twice in one run: with micro-batching (--max-batch 8) for
 every phase, then one request at a time (--max-batch 1) for the side-by-side throughput phase.
 
 Phases on the batching server:
@@ -469,8 +468,8 @@ def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
         m = r[name]
         others = "; ".join(f"{p['command']} ({p['cpu_percent']:.0f}%)" for p in m["busy_processes"]) or "nothing busy"
         print(f"CPU ({name}): {m['cpus']} cores, load average {m['loadavg_1m']:.2f}; also running: {others}")
-    print("(The CPU is shared: a reader training job holds one core all session and other helpers run tests;"
-          " every figure above was measured under that load.)")  # fmt: skip
+    if any(r[name]["busy_processes"] for name in ("machine_before", "machine_during_load", "machine_after")):
+        print("(Other processes were busy on the CPU, as listed: every figure above was measured beside them.)")
 
 
 if __name__ == "__main__":
