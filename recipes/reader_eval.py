@@ -224,70 +224,54 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("results/reader.md needs ../shared/data")
     stages = set(args.stages.split(",")) | ({"final"} if args.final else set())
     path = EVAL / "results.json"
-    report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     kbs, dev = knowledge_bases(data), dev_cells(data)
 
-    def save() -> None:
-        # Stages may run as separate processes (one per free core): each writes back only what it ran, over
-        # what the others have saved meanwhile. Every stage is a dict by model or set, merged key by key.
-        on_disk = json.loads(path.read_text()) if path.is_file() else {}
-        for stage in written:
-            on_disk[stage] = {**on_disk.get(stage, {}), **report[stage]}
-        atomic_write_text(path, json.dumps(on_disk, indent=2, default=str))
-
-    written: set[str] = set()
+    def save(stage: str, entries: dict[str, Any]) -> None:
+        """Merge a stage's entries (by model or by set) into results.json as it is on disk now: stages may
+        run as separate processes (one per free core), each writing only what it measured."""
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        report[stage] = {**report.get(stage, {}), **entries}
+        atomic_write_text(path, json.dumps(report, indent=2, default=str))
 
     def chosen(names: tuple[str, ...]) -> tuple[str, ...]:
         return names if args.models is None else tuple(n for n in names if n in args.models.split(","))
 
     if "untrained" in stages:
         model = load("untrained")
-        written.add("untrained")
-        report["untrained"] = cells("untrained", model, kbs, dev, {"rag-token-k5": token_configs((5,))["rag-token-k5"]}, EVAL)
-        save()
+        save("untrained", cells("untrained", model, kbs, dev, {"rag-token-k5": token_configs((5,))["rag-token-k5"]}, EVAL))
     if "reader" in stages:
         model = load("reader")
         configs = {**token_configs(), "closed-book": EvalConfig(mode="closed-book", decoding=GREEDY, progress=False),
                    "rag-sequence-thorough-k5": EvalConfig(kind="sequence", k=5, decoding=GREEDY, progress=False)}  # fmt: skip
-        written.add("reader")
-        report["reader"] = cells("reader", model, kbs, dev, configs, EVAL)
-        save()
+        save("reader", cells("reader", model, kbs, dev, configs, EVAL))
     if "ablations" in stages:
         for run in (name.removesuffix("@100") for name in chosen(tuple(f"{r}@100" for r in ABLATIONS))):
             kind = "sequence" if run == "sequence" else "token"
             model = load(f"{run}@100", kind)
             config = EvalConfig(kind=kind, k=5, decoding=GREEDY, recall_ks=(1, 5), progress=False)
-            written.add("ablations")
-            report.setdefault("ablations", {})[run] = cells(f"{run}@100", model, kbs, dev, {f"rag-{kind}-k5": config}, EVAL)
-            save()
+            save("ablations", {run: cells(f"{run}@100", model, kbs, dev, {f"rag-{kind}-k5": config}, EVAL)})
     if "conflicts" in stages:
         for name in chosen(("untrained", "main@100", "no-counterfactual@100", "reader")):
             log(f"counterfactual passages: {name}")
-            written.add("conflicts")
-            report.setdefault("conflicts", {})[name] = counterfactual_following(load(name), kbs["nq"], dev["nq"])
-            save()
+            save("conflicts", {name: counterfactual_following(load(name), kbs["nq"], dev["nq"])})
     if "hotswap" in stages:
         for name in chosen(("reader", "main@100", "no-counterfactual@100")):
             model = load(name)
+            relations: dict[str, Any] = {}
             for relation in ("capitals", "city-country"):
                 log(f"hot-swap {relation}: {name}")
-                written.add("hotswap")
-                report.setdefault("hotswap", {}).setdefault(name, {})[relation] = hotswap(model, relation)
-                save()
+                relations[relation] = hotswap(model, relation)
+                save("hotswap", {name: relations})
     if "latency" in stages:
         for name in chosen(("untrained", "reader")):
             log(f"rag ask latency: {name}")
-            written.add("latency")
-            report.setdefault("latency", {})[name] = ask_latency(reader_folder(name))
-            save()
+            save("latency", {name: ask_latency(reader_folder(name))})
     if "final" in stages:
         model = load("reader")
-        written.add("final")
-        report["final"] = cells("reader-final", model, kbs, reserved_cells(data), token_configs((5,)), EVAL)
-        save()
+        save("final", cells("reader-final", model, kbs, reserved_cells(data), token_configs((5,)), EVAL))
     from reader_report import write
 
-    write(json.loads(path.read_text()) if path.is_file() else report, ROOT / "results" / "reader.md")
+    write(json.loads(path.read_text()) if path.is_file() else {}, ROOT / "results" / "reader.md")
     log("wrote results/reader.md")
     return 0
 
