@@ -33,6 +33,11 @@ def em(report: dict[str, Any], model: str, name: str, run: str) -> tuple[float |
     return (cell["exact_match"], cell["n"]) if cell else (None, None)
 
 
+def ablation_cell(report: dict[str, Any], run: str, name: str) -> dict[str, Any] | None:
+    """An ablation's one evaluation (RAG-Token or RAG-Sequence, k = 5) on a set, if it has run."""
+    return next(iter(report.get("ablations", {}).get(run, {}).get(name, {}).values()), None)
+
+
 def write(report: dict[str, Any], path: Path) -> None:
     lines = [
         "# The trained reader (issue 9)",
@@ -113,11 +118,9 @@ def _base_choice() -> list[str]:
 def _ordering(report: dict[str, Any]) -> list[str]:
     """The paper's ordering: fine-tuned RAG > frozen-retriever RAG > closed book, with margins, at equal steps
     (the ablations at step 100) and for the shipped reader against its own generator without passages."""
-    abl = report.get("ablations", {})
     out = []
     for name in SETS:
-        main = next(iter(abl.get("main", {}).get(name, {}).values()), None)
-        frozen = next(iter(abl.get("frozen-q", {}).get(name, {}).values()), None)
+        main, frozen = ablation_cell(report, "main", name), ablation_cell(report, "frozen-q", name)
         closed, _ = em(report, "reader", name, "closed-book")
         reader, _ = em(report, "reader", name, "rag-token-k5")
         if main is None or frozen is None or closed is None or reader is None:
@@ -188,10 +191,10 @@ def _ablations(report: dict[str, Any]) -> list[str]:
              "sequence": "RAG-Sequence loss and decoding"}  # fmt: skip
     out = ["## Ablations at equal steps (100 steps, 800 examples, same data order)", "",
            "| run | " + " | ".join(NAMES[s] for s in SETS) + " |", "|---|" + "---:|" * len(SETS)]
-    for run, cells in abl.items():
+    for run in abl:
         values = []
         for name in SETS:
-            cell = next(iter(cells.get(name, {}).values()), None)
+            cell = ablation_cell(report, run, name)
             values.append(pct(cell["exact_match"], cell["n"]) if cell else "–")
         out.append(f"| {names.get(run, run)} | " + " | ".join(values) + " |")
     closed = [em(report, "reader", s, "closed-book") for s in SETS]
@@ -265,11 +268,11 @@ def _final(report: dict[str, Any]) -> list[str]:
 
 def _reading(report: dict[str, Any]) -> list[str]:
     """What the tables say about the choices and the limits, from their own numbers."""
-    abl, conf, swap = report.get("ablations", {}), report.get("conflicts", {}), report.get("hotswap", {})
+    conf, swap = report.get("conflicts", {}), report.get("hotswap", {})
     out = ["## Reading the tables", ""]
 
     def k5(run: str, name: str) -> float | None:
-        cell = next(iter(abl.get(run, {}).get(name, {}).values()), None)
+        cell = ablation_cell(report, run, name)
         return cell["exact_match"] if cell else None
 
     costs = [(NAMES[n], k5("no-counterfactual", n), k5("main", n)) for n in SETS]
