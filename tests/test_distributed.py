@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_encoders import WORDS_PER_PASSAGE, tiny_sentence_transformers_dir, write_corpus
+from tiny_encoders import tiny_knowledge_base
 
 from rag.cli import main
 from rag.config import CorpusConfig, EncoderConfig, IndexConfig
@@ -42,12 +42,9 @@ def cluster():
 @pytest.fixture(scope="module")
 def kbs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-kb")
-    encoder_dir = tiny_sentence_transformers_dir(root / "enc", seed=8)
-    write_corpus(root / "docs.jsonl", docs=40, seed=5)
-    corpus = CorpusConfig(source=str(root / "docs.jsonl"), words_per_passage=WORDS_PER_PASSAGE)
-    build_knowledge_base(corpus, EncoderConfig(path=str(encoder_dir)), IndexConfig(), root / "kb", progress=False)
-    shard_knowledge_base(root / "kb", 3, root / "sharded")
-    return root / "kb", root / "sharded"
+    kb, _, _, _ = tiny_knowledge_base(root, encoder_seed=8, corpus_seed=5)
+    shard_knowledge_base(kb, 3, root / "sharded")
+    return kb, root / "sharded"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from tiny_encoders import (
     expected_passages,
     tiny_bert_dir,
     tiny_dpr_dir,
-    tiny_sentence_transformers_dir,
+    tiny_knowledge_base,
     write_corpus,
 )
 
@@ -25,14 +25,8 @@ QUESTIONS = ["what is the capital of angola?", "the largest river", "where is lu
 
 @pytest.fixture(scope="module")
 def kb(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kb")
-    encoder_dir = tiny_sentence_transformers_dir(root / "enc", seed=5)
-    records = write_corpus(root / "docs.jsonl", docs=30, seed=1)
-    corpus = CorpusConfig(source=str(root / "docs.jsonl"), words_per_passage=WORDS_PER_PASSAGE)
-    build_knowledge_base(
-        corpus, EncoderConfig(path=str(encoder_dir)), IndexConfig(), root / "kb", progress=False
-    )
-    return root / "kb", encoder_dir, expected_passages(records)
+    kb, encoder_dir, _, records = tiny_knowledge_base(tmp_path_factory.mktemp("kb"), encoder_seed=5, corpus_seed=1, docs=30)
+    return kb, encoder_dir, expected_passages(records)
 
 
 def brute_force(q: np.ndarray, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

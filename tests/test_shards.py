@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from tiny_encoders import WORDS_PER_PASSAGE, tiny_sentence_transformers_dir, write_corpus
+from tiny_encoders import WORDS_PER_PASSAGE, tiny_knowledge_base
 
 from rag.cli import main
-from rag.config import CorpusConfig, EncoderConfig, IndexConfig
+from rag.config import IndexConfig
 from rag.index import DenseIndex
-from rag.knowledge import build_knowledge_base, open_knowledge_base
+from rag.knowledge import open_knowledge_base
 from rag.manifest import IntegrityError
 from rag.retriever import Retriever
 from rag.sharding import shard_bounds, shard_knowledge_base
@@ -25,11 +25,8 @@ QUESTIONS = ["what is the capital of angola?", "the largest river", "where is lu
 @pytest.fixture(scope="module")
 def kb(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    encoder_dir = tiny_sentence_transformers_dir(root / "enc", seed=7)
-    write_corpus(root / "docs.jsonl", docs=40, seed=3)
-    corpus = CorpusConfig(source=str(root / "docs.jsonl"), words_per_passage=WORDS_PER_PASSAGE)
-    build_knowledge_base(corpus, EncoderConfig(path=str(encoder_dir)), IndexConfig(), root / "kb", progress=False)
-    return root, root / "kb", encoder_dir, corpus
+    kb, encoder_dir, corpus, _ = tiny_knowledge_base(root, encoder_seed=7, corpus_seed=3)
+    return root, kb, encoder_dir, corpus
 
 
 def _same_retrieval(a: Retriever, b: Retriever, k: int) -> None:

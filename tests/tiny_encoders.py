@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,6 +105,19 @@ def write_corpus(path: Path, docs: int = 40, seed: int = 0) -> list[tuple[str, s
         records.append((f"Doc {i} {CORPUS_WORDS[i % len(CORPUS_WORDS)]}", text))
     path.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in records), encoding="utf-8")
     return records
+
+
+def tiny_knowledge_base(root: Path, encoder_seed: int, corpus_seed: int, docs: int = 40) -> tuple[Path, Path, Any, list[tuple[str, str]]]:
+    """A knowledge base at root/kb: write_corpus's documents in 20-word passages, encoded by a tiny
+    sentence-transformers d(z), exact index. Returns (kb folder, encoder folder, CorpusConfig, records)."""
+    from rag.config import CorpusConfig, EncoderConfig, IndexConfig
+    from rag.knowledge import build_knowledge_base
+
+    encoder_dir = tiny_sentence_transformers_dir(root / "enc", seed=encoder_seed)
+    records = write_corpus(root / "docs.jsonl", docs=docs, seed=corpus_seed)
+    corpus = CorpusConfig(source=str(root / "docs.jsonl"), words_per_passage=WORDS_PER_PASSAGE)
+    build_knowledge_base(corpus, EncoderConfig(path=str(encoder_dir)), IndexConfig(), root / "kb", progress=False)
+    return root / "kb", encoder_dir, corpus, records
 
 
 def expected_passages(records: list[tuple[str, str]]) -> list[tuple[str, str]]:
