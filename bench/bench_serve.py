@@ -3,8 +3,9 @@
     python bench/bench_serve.py                  # the defaults (about 6 minutes)
     python bench/bench_serve.py --quick          # a smoke run: shorter phases, fewer clients
 
-The server is `rag serve` itself (a subprocess, every model default, --threads 1: the other core runs the clients), started twice in one run: with micro-batching (--max-batch 8) for
-every phase, then one request at a time (--max-batch 1) for the side-by-side throughput phase.
+The server is `rag serve` itself (a subprocess, every model default, --threads 1: the other core runs
+the clients), started twice in one run: with micro-batching (--max-batch 8) for every phase, then one
+request at a time (--max-batch 1) for the side-by-side throughput phase.
 
 Phases on the batching server:
 1. /v1/search on the warm idle server: p50 / p99 of 200 sequential requests.
