@@ -146,23 +146,43 @@ def _fill_faiss(matrix: np.ndarray, config: IndexConfig) -> faiss.Index:
 
 
 def add_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None = None) -> None:
-    """index.add (or add_with_ids). An IVF index over a flat coarse quantizer gets its list
-    assignments from numpy's BLAS, the same argmax as the quantizer's own search: the bundled BLAS of
-    the faiss-cpu wheel is about 4x slower on one core, and assignment is most of an add's work
-    (21M x 4096 lists x 768: about 130 TFLOP)."""
+    """index.add (or add_with_ids), with the heavy arithmetic of an IVF index over a flat coarse
+    quantizer done by numpy's BLAS: the list assignment (the argmax of the quantizer's own search)
+    and, for IVF-PQ with 8-bit codes, the PQ encoding of the residuals (nearest sub-centroid). The
+    faiss-cpu wheel's bundled BLAS runs at about a quarter of numpy's on one core here, and FAISS
+    encodes sub-vectors of under 16 dimensions without BLAS at all; together these are nearly all of
+    an add's work (21M x 768: hours on one core)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
+    xids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
     quantizer = faiss.downcast_index(index.quantizer) if isinstance(index, faiss.IndexIVF) else None
     if not isinstance(quantizer, faiss.IndexFlat) or quantizer.metric_type not in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
-        index.add(x) if ids is None else index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+        index.add(x) if xids is None else index.add_with_ids(x, xids)
         return
     centroids = quantizer.reconstruct_n(0, quantizer.ntotal)  # (L, D)
     # L2: argmin |x - c|^2 = argmax x.c - |c|^2 / 2
     offset = -0.5 * np.einsum("ld,ld->l", centroids, centroids) if quantizer.metric_type == faiss.METRIC_L2 else 0.0
-    assign = np.empty(len(x), np.int64)
-    for lo in range(0, len(x), 4096):  # (4096, L) scores at a time: bounded memory
-        assign[lo : lo + 4096] = (x[lo : lo + 4096] @ centroids.T + offset).argmax(1)
-    xids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
-    index.add_core(len(x), faiss.swig_ptr(x), None if xids is None else faiss.swig_ptr(xids), faiss.swig_ptr(assign))
+    pq = index.pq if isinstance(index, faiss.IndexIVFPQ) and index.pq.nbits == 8 else None
+    if pq is None:
+        assign = np.empty(len(x), np.int64)
+        for lo in range(0, len(x), 4096):  # (4096, L) scores at a time: bounded memory
+            assign[lo : lo + 4096] = (x[lo : lo + 4096] @ centroids.T + offset).argmax(1)
+        index.add_core(len(x), faiss.swig_ptr(x), None if xids is None else faiss.swig_ptr(xids), faiss.swig_ptr(assign))
+        return
+    codebooks = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)  # (M, 256, D / M)
+    half_norms = 0.5 * np.einsum("mkd,mkd->mk", codebooks, codebooks)[:, None, :]  # (M, 1, 256)
+    coarse = index.coarse_code_size()  # the list number, little-endian, before each PQ code
+    codes = np.empty((len(x), coarse + pq.M), np.uint8)
+    for lo in range(0, len(x), 1024):  # (M, 1024, 256) distances at a time: 64 MB at M = 64
+        block = x[lo : lo + 1024]
+        assign = (block @ centroids.T + offset).argmax(1)  # (b,)
+        residual = block - centroids[assign] if index.by_residual else block  # (b, D)
+        sub = residual.reshape(len(block), pq.M, pq.dsub).transpose(1, 0, 2)  # (M, b, D / M)
+        # nearest sub-centroid: argmin |r - c|^2 = argmax r.c - |c|^2 / 2
+        distances = sub @ codebooks.transpose(0, 2, 1)  # (M, b, 256)
+        distances -= half_norms
+        codes[lo : lo + len(block), coarse:] = distances.argmax(2).T
+        codes[lo : lo + len(block), :coarse] = assign[:, None].astype("<u8").view(np.uint8).reshape(-1, 8)[:, :coarse]
+    index.add_sa_codes(codes, xids)
 
 
 def _faiss_from_file(matrix: MatrixFile, config: IndexConfig, out: Path, stages: Path,
