@@ -49,9 +49,12 @@ def test_plan_table_and_bad_input():
 
 
 def test_cli_plan_reads_the_measurements(capsys):
-    pytest.importorskip("rag.scale_measurements", reason="no scale measurements committed yet")
-    assert main(["index", "plan", "--passages", "21000000", "--dim", "768", "--ram", "24GiB", "--json"]) in (0, 1)
+    """The committed figures (rag/scale_measurements.py, bench/bench_scale.py --write-plan) plan 21M x 768."""
+    assert main(["index", "plan", "--passages", "21000000", "--dim", "768", "--ram", "24GiB", "--recall", "0.95",
+                 "--json"]) == 0  # fmt: skip
     table = json.loads(capsys.readouterr().out)
-    assert table["passages"] == 21_000_000 and table["options"]
+    assert table["passages"] == 21_000_000 and {r["kind"] for r in table["options"]} == {"flat", "hnsw", "ivfpq"}
+    best = table["recommended"]
+    assert best["recall_at_10"] >= 0.95 and best["ram_per_machine_gib"] <= 24 * 0.85
     assert main(["index", "plan", "--passages", "21000000", "--recall", "2"]) == 2  # argparse's, before any work
     assert "--recall" in capsys.readouterr().err

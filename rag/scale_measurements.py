@@ -1,0 +1,162 @@
+"""Measured by bench/bench_scale.py on the reference machine (one core per measurement; see
+results/scale.md): per index setting, bytes per passage, recall@10 and q/s at N = n0.
+Regenerate: python bench/bench_scale.py, then --write-plan. Read by rag/plan.py."""
+
+MEASUREMENTS = [
+    {
+        "kind": "flat",
+        "setting": "exact, float32",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 3072.000128,
+        "disk_bytes": 3072.000128,
+        "recall_at_10": 1.0,
+        "qps_b1": 5.26,
+        "qps_b64": 72.26,
+        "build_cpu_s": 0.0,
+        "scaling": "linear"
+    },
+    {
+        "kind": "hnsw",
+        "setting": "HNSW32 efC 40 ef_search 64",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 3344.129506,
+        "disk_bytes": 6416.129634,
+        "recall_at_10": 0.9222,
+        "qps_b1": 504.2,
+        "qps_b64": 2193.85,
+        "build_cpu_s": 295.7,
+        "scaling": "log"
+    },
+    {
+        "kind": "hnsw",
+        "setting": "HNSW32 efC 40 ef_search 128",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 3344.129506,
+        "disk_bytes": 6416.129634,
+        "recall_at_10": 0.9707,
+        "qps_b1": 1639.68,
+        "qps_b64": 2035.66,
+        "build_cpu_s": 295.7,
+        "scaling": "log"
+    },
+    {
+        "kind": "hnsw",
+        "setting": "HNSW32 efC 40 ef_search 256",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 3344.129506,
+        "disk_bytes": 6416.129634,
+        "recall_at_10": 0.9802,
+        "qps_b1": 773.11,
+        "qps_b64": 906.69,
+        "build_cpu_s": 295.7,
+        "scaling": "log"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 16 rerank 10",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9937,
+        "qps_b1": 671.13,
+        "qps_b64": 1206.03,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 16 rerank 50",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9973,
+        "qps_b1": 483.94,
+        "qps_b64": 529.83,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 32 rerank 10",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9952,
+        "qps_b1": 520.27,
+        "qps_b64": 1074.69,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 32 rerank 50",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9988,
+        "qps_b1": 388.95,
+        "qps_b64": 505.98,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 64 rerank 10",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9955,
+        "qps_b1": 474.9,
+        "qps_b64": 899.31,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 64 rerank 50",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9991,
+        "qps_b1": 371.65,
+        "qps_b64": 445.04,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 128 rerank 10",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9956,
+        "qps_b1": 413.56,
+        "qps_b64": 631.26,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    },
+    {
+        "kind": "ivfpq",
+        "setting": "IVF4096,PQ64 + float16 re-rank nprobe 128 rerank 50",
+        "n0": 1000000,
+        "d0": 768,
+        "resident_bytes": 85.467923,
+        "disk_bytes": 1621.468051,
+        "recall_at_10": 0.9992,
+        "qps_b1": 308.76,
+        "qps_b64": 371.03,
+        "build_cpu_s": 419.2,
+        "scaling": "linear"
+    }
+]
