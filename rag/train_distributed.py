@@ -56,7 +56,8 @@ def _worker(loop: dict[str, Any]) -> None:
 def train_on_ray(config: TrainConfig, train_data: Sequence[Any], dev_data: Sequence[Any], out_dir: Path | str,
                  workers: int, address: str = "auto", resume: bool = False, stop_after: int | None = None,
                  overwrite: bool = False, threads: int = 1) -> dict[str, Any]:  # fmt: skip
-    """Train on `workers` Ray Train workers (one CPU each); returns worker 0's {"steps", "losses"}."""
+    """Train on `workers` Ray Train workers (one CPU each); returns {"steps", "log"}: the run's last step
+    and its log.jsonl records."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -86,8 +87,10 @@ def train_on_ray(config: TrainConfig, train_data: Sequence[Any], dev_data: Seque
         metrics = trainer.fit().metrics or {}
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-    log = out_dir / "log.jsonl"
-    if log.is_file():  # the whole run's curve (a resumed run's earlier steps included)
-        records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-        metrics = {**metrics, "log": records}
-    return metrics
+    log = out_dir / "log.jsonl"  # every step's record, written by worker 0 (rag.training)
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if log.is_file() else []  # fmt: skip
+    # Ray Train v2 (ray >= 2.51) returns only metrics reported with a checkpoint, and worker 0 writes
+    # its checkpoint itself: the steps come from the log, the whole run's curve (a resumed run's
+    # earlier steps included)
+    return {"steps": records[-1]["step"] if records else 0, **metrics, "log": records}
