@@ -115,6 +115,11 @@ class _Stepper:
         in the current state. Their rows, cache and prior are selected; each row's numbers stay its own."""
         rows = (keep[:, None] * self.block + self.offsets).flatten()  # (A*block,)
         self.state = self.gen.reorder(self.state, rows)
+        self.select_groups(keep)
+
+    def select_groups(self, keep: Tensor) -> None:
+        """keep_groups' bookkeeping, for a caller whose next `advance` source selects the rows itself
+        (beam search: the groups' beams are reordered anyway)."""
         self.groups = keep.shape[0]
         if self.prior is not None:
             self.prior = self.prior.index_select(0, keep)
@@ -205,12 +210,18 @@ def _greedy(stepper: _Stepper, rules: _Rules) -> _Found:
 
 
 def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
-    """transformers' `_beam_search` (vectorised since v4.50), one search per group."""
+    """transformers' `_beam_search` (vectorised since v4.50), one search per group.
+
+    A group whose search is over (_settled: nb hypotheses finished and none of its running beams can
+    beat them) leaves the decoder state at once, as greedy search drops ended questions: transformers
+    keeps stepping it, but nothing it computes can enter its finished pool any more (the pool's scores
+    are real, every later candidate carries the -1e9 block). Its pool is written out and the search
+    goes on with the groups still open (tests/test_decoding.py: equal to the search without dropping)."""
     marg, per_doc = stepper.first()  # (G, V), (G, block, V)
     (groups, vocab), block, L, opts = marg.shape, per_doc.shape[1], rules.max_new, rules.options
     dev, keep = marg.device, 2 * nb
     marg, per_doc = marg[:, None].expand(groups, nb, vocab), per_doc[:, None].expand(groups, nb, block, vocab)
-    g_idx = torch.arange(groups, device=dev)[:, None]  # (G, 1)
+    g_idx = torch.arange(groups, device=dev)[:, None]  # (A, 1) positions of the open groups in the state
     top_nb = torch.arange(keep, device=dev) < nb  # (2nb,)
     run_tok = torch.full((groups, nb, L), rules.pad, dtype=torch.long, device=dev)
     run_score = torch.zeros(groups, nb, device=dev)
@@ -218,21 +229,24 @@ def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
     run_raw, run_doc = torch.zeros(groups, nb, device=dev), torch.zeros(groups, nb, block, L, device=dev)
     fin = _Found(run_tok.clone(), torch.zeros_like(run_tok[..., 0]), torch.full_like(run_score, _BLOCKED),
                  run_raw.clone(), run_doc.clone())
+    out = _Found(*(t.clone() for t in (fin.tokens, fin.lengths, fin.score, fin.logprob, fin.doc_logprobs)))
+    open_groups = torch.arange(groups, device=dev)  # (A,) the groups still searching, in state order
     finished = torch.zeros(groups, nb, dtype=torch.bool, device=dev)
     unsatisfied = torch.ones(groups, 1, dtype=torch.bool, device=dev)  # early-stop heuristic not yet met
     for step in range(L):
-        acc = (_process(marg, step, rules) + run_score[:, :, None]).view(groups, nb * vocab)
-        top_score, top_idx = torch.topk(acc, keep)  # (G, 2nb)
-        src, tok = top_idx // vocab, top_idx % vocab  # (G, 2nb)
+        active = open_groups.shape[0]
+        acc = (_process(marg, step, rules) + run_score[:, :, None]).view(active, nb * vocab)
+        top_score, top_idx = torch.topk(acc, keep)  # (A, 2nb)
+        src, tok = top_idx // vocab, top_idx % vocab  # (A, 2nb)
         cand_tok = _gather(run_tok, src).clone()
         cand_tok[:, :, step] = tok
-        cand_raw = _gather(run_raw, src) + marg.reshape(groups, -1).gather(1, top_idx)  # (G, 2nb)
+        cand_raw = _gather(run_raw, src) + marg.reshape(active, -1).gather(1, top_idx)  # (A, 2nb)
         cand_doc = _gather(run_doc, src).clone()
-        cand_doc[:, :, :, step] = per_doc[g_idx, src, :, tok]  # (G, 2nb, block)
-        hits = (tok == rules.eos) | (step + 1 >= L)  # (G, 2nb) eos or max length
+        cand_doc[:, :, :, step] = per_doc[g_idx, src, :, tok]  # (A, 2nb, block)
+        hits = (tok == rules.eos) | (step + 1 >= L)  # (A, 2nb) eos or max length
         # running beams: the best nb candidates that did not stop
         run_cand = top_score + hits.to(torch.float32) * _BLOCKED
-        nxt = torch.topk(run_cand, nb)[1]  # (G, nb)
+        nxt = torch.topk(run_cand, nb)[1]  # (A, nb)
         run_tok, run_score, run_raw, run_doc = (_gather(t, nxt) for t in (cand_tok, run_cand, cand_raw, cand_doc))
         # finished pool: candidates in the top nb that stopped, merged with the old pool by score
         just = hits & top_nb
@@ -240,22 +254,55 @@ def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
         norm += (finished.all(-1, keepdim=True) & (opts.early_stopping is True)).to(torch.float32) * _BLOCKED
         norm += (~unsatisfied).to(torch.float32) * _BLOCKED
         norm += (~just) * _BLOCKED
-        best = torch.topk(torch.cat((fin.score, norm), 1), nb)[1]  # (G, nb)
+        best = torch.topk(torch.cat((fin.score, norm), 1), nb)[1]  # (A, nb)
         lengths = torch.full_like(tok, step + 1)
         fin = _Found(*(_gather(torch.cat(pair, 1), best) for pair in (
             (fin.tokens, cand_tok), (fin.lengths, lengths), (fin.score, norm), (fin.logprob, cand_raw),
             (fin.doc_logprobs, cand_doc))))
         finished = _gather(torch.cat((finished, just), 1), best)
         unsatisfied = _heuristic(unsatisfied, run_score, fin.score, finished, step + 1, L, opts)
+        # (with nb >= 1 at most nb of the 2nb candidates are eos: hits.all() only at the length limit, so
+        # dropping settled groups never changes when the loop ends)
         open_beam = not (bool(finished.all()) and opts.early_stopping is True)
         if not (bool(unsatisfied.any()) and open_beam and not bool(hits.all())):
             break
-        source = (g_idx * nb + _gather(src, nxt)).flatten()  # (G*nb,) flat beam each new beam continues
+        settled = _settled(unsatisfied, finished, fin.score)  # (A,)
+        stay = (~settled).nonzero().squeeze(1)  # (A',) positions among the open groups
+        if stay.shape[0] < active:
+            _write(out, fin, open_groups, settled)
+            open_groups = open_groups[stay]
+            stepper.select_groups(stay)
+            fin = _Found(*(t.index_select(0, stay) for t in (fin.tokens, fin.lengths, fin.score, fin.logprob,
+                                                             fin.doc_logprobs)))  # fmt: skip
+            run_tok, run_score, run_raw, run_doc, finished, unsatisfied, src, nxt = (
+                t.index_select(0, stay) for t in (run_tok, run_score, run_raw, run_doc, finished, unsatisfied,
+                                                  src, nxt))  # fmt: skip
+            source_groups = g_idx[stay]
+            g_idx = torch.arange(stay.shape[0], device=dev)[:, None]
+        else:
+            source_groups = g_idx
+        # (A', nb) flat beam of the state each new beam continues
+        source = (source_groups * nb + _gather(src, nxt)).flatten()
         if step == 0:
             source = source // nb  # the state still holds one row block per group
         marg, per_doc = stepper.advance(source, run_tok[:, :, step].flatten())
-        marg, per_doc = marg.view(groups, nb, vocab), per_doc.view(groups, nb, block, vocab)
-    return fin
+        marg, per_doc = marg.view(-1, nb, vocab), per_doc.view(-1, nb, block, vocab)
+    _write(out, fin, open_groups, torch.ones_like(open_groups, dtype=torch.bool))
+    return out
+
+
+def _settled(unsatisfied: Tensor, finished: Tensor, fin_score: Tensor) -> Tensor:
+    """(A,) groups whose finished pool can no longer change: the heuristic is met, all nb hypotheses
+    have finished, and their scores are real (above the -1e9 block every later candidate carries)."""
+    return ~unsatisfied[:, 0] & finished.all(-1) & (fin_score.min(-1).values > _BLOCKED / 10)
+
+
+def _write(out: _Found, fin: _Found, groups: Tensor, which: Tensor) -> None:
+    """out[groups[which]] = fin[which], field by field (out is indexed by the original group)."""
+    rows = which.nonzero().squeeze(1)
+    for into, part in zip((out.tokens, out.lengths, out.score, out.logprob, out.doc_logprobs),
+                          (fin.tokens, fin.lengths, fin.score, fin.logprob, fin.doc_logprobs), strict=True):  # fmt: skip
+        into[groups[rows]] = part[rows]
 
 
 def _heuristic(unsatisfied: Tensor, run_score: Tensor, fin_score: Tensor, finished: Tensor,

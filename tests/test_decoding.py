@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rag import decoding
 from rag.config import DecodingConfig, GeneratorConfig
 from rag.decoding import (
     SearchOptions,
@@ -397,3 +398,29 @@ def test_greedy_drops_ended_questions_and_changes_nothing(family):
         assert alone.sequences[0] == batched.sequences[b]
         torch.testing.assert_close(alone.scores[0], batched.scores[b], atol=1e-5, rtol=0)  # left padding: rounding
         torch.testing.assert_close(alone.token_doc_logposterior[0], batched.token_doc_logposterior[b], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bart", "llama"])
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+def test_beam_search_drops_settled_groups_and_changes_nothing(family, kind, monkeypatch):
+    """Beam search removes a group (RAG-Sequence: a (question, passage) search; RAG-Token: a question) from
+    the decoder state once its finished pool can no longer change: every output equals the search that
+    keeps stepping every group to the end, as transformers does."""
+    gen = _six_token_generator(family)
+    questions = ["yes no yes", "no no", "yes", "no yes no no"]
+    passages = [[("yes", "no no yes"), ("no", "yes"), ("yes yes", "no")], [("no", "no"), ("yes", "yes no"), ("no", "yes")]]
+    passages = [passages[i % 2] for i in range(len(questions))]
+    scores = torch.tensor([[1.5, 0.2, -0.7], [0.0, 0.9, 0.4], [2.0, -1.0, 0.0], [0.3, 0.3, 0.3]])
+    config = _config(num_beams=3, num_return_sequences=2, max_new_tokens=20, min_new_tokens=0)
+    stepped: list[int] = []
+    step = gen.step
+    monkeypatch.setattr(gen, "step", lambda state, tokens: stepped.append(len(state)) or step(state, tokens))
+    dropping = answer(gen, questions, passages, scores, kind, config)
+    rows_dropping, stepped[:] = sum(stepped), []
+    monkeypatch.setattr(decoding, "_settled", lambda unsatisfied, finished, score: torch.zeros_like(unsatisfied[:, 0]))
+    full = answer(gen, questions, passages, scores, kind, config)
+    assert rows_dropping < sum(stepped), "some group must settle before the last step for this test to mean anything"
+    assert dropping.sequences == full.sequences
+    for name in ("scores", "passage_logprobs", "doc_logposterior", "token_doc_logposterior"):
+        if getattr(full, name) is not None:
+            torch.testing.assert_close(getattr(dropping, name), getattr(full, name), atol=1e-5, rtol=0)
