@@ -458,15 +458,16 @@ def _share_duplicates(ordered: list[list[int]], lp: Tensor, hit: Tensor) -> None
 
 def _rescore(gen: Any, prefix: Prefix, sequences: list[list[list[int]]], scored: list[Tensor],
              in_beam: list[Tensor], docs: int) -> None:
-    """Fill log p(y|x,z) for the (hypothesis, passage) pairs outside z's beam: teacher-forced on the prefix."""
+    """Fill log p(y|x,z) for the (hypothesis, passage) pairs outside z's beam: teacher-forced on the prefix,
+    in passes of hypotheses of similar length (_length_chunks), each padded only to its own longest."""
     todo = [(b, c, z) for b, hit in enumerate(in_beam) for c, z in (~hit).nonzero().tolist()]
     if not todo:
         return
-    width = max(len(sequences[b][c]) for b, c, _ in todo)
-    chunk = max(1, _ROWS_PER_PASS // (width * gen.vocab_size))
+    todo.sort(key=lambda item: len(sequences[item[0]][item[1]]))
+    lengths = [len(sequences[b][c]) for b, c, _ in todo]
     device = scored[0].device
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
+    for start, end in _length_chunks(lengths, max(1, _ROWS_PER_PASS // gen.vocab_size)):
+        part, width = todo[start:end], lengths[end - 1]
         ids = torch.full((len(part), width), gen.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(part), width, dtype=torch.bool)
         for n, (b, c, _) in enumerate(part):
@@ -474,12 +475,33 @@ def _rescore(gen: Any, prefix: Prefix, sequences: list[list[list[int]]], scored:
             ids[n, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[n, : len(seq)] = True
         rows = torch.tensor([b * docs + z for b, _, z in part], device=device)
-        targets = TargetBatch(ids.to(device), mask.to(device))
-        logp = gen.target_logprobs(prefix, rows, targets)  # (N, T, V)
-        picked = logp.gather(-1, targets.ids[:, :, None]).squeeze(-1)  # (N, T)
-        sums = torch.where(targets.mask, picked, 0.0).sum(-1).tolist()  # (N,)
-        for (b, c, z), value in zip(part, sums, strict=True):
+        picked = gen.target_token_logprobs(prefix, rows, TargetBatch(ids.to(device), mask.to(device)))  # (N, T)
+        for (b, c, z), value in zip(part, picked.sum(-1).tolist(), strict=True):
             scored[b][c, z] = value
+
+
+_PASS_COST = 32  # a forward's fixed cost (weights read, per-layer overhead) in padded target positions
+
+
+def _length_chunks(lengths: list[int], positions: int) -> list[tuple[int, int]]:
+    """Split rows sorted by length into contiguous passes [start, end) that minimise the sum over passes
+    of _PASS_COST + rows * longest (exact, by dynamic programming), with rows * longest <= positions
+    (memory: (rows, longest, V) logits)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j rows
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end - 1, -1, -1):
+            if (end - start) * lengths[end - 1] > positions and end - start > 1:
+                break
+            cost = best[start] + _PASS_COST + (end - start) * lengths[end - 1]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], n
+    while end:
+        chunks.append((cut[end], end))
+        end = cut[end]
+    return chunks[::-1]
 
 
 @torch.no_grad()

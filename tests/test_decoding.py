@@ -424,3 +424,27 @@ def test_beam_search_drops_settled_groups_and_changes_nothing(family, kind, monk
     for name in ("scores", "passage_logprobs", "doc_logposterior", "token_doc_logposterior"):
         if getattr(full, name) is not None:
             torch.testing.assert_close(getattr(dropping, name), getattr(full, name), atol=1e-5, rtol=0)
+
+
+def test_length_chunks_are_the_cheapest_split():
+    """Rescoring's passes over hypotheses sorted by length: the exact minimum of sum(_PASS_COST + rows *
+    longest) under the size limit, against every contiguous split (brute force)."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        n = int(torch.randint(1, 9, (1,), generator=rng))
+        lengths = sorted(torch.randint(1, 40, (n,), generator=rng).tolist())
+        limit = int(torch.randint(40, 200, (1,), generator=rng))
+        chunks = decoding._length_chunks(lengths, limit)
+        assert [a for a, _ in chunks] == [0] + [b for _, b in chunks[:-1]] and chunks[-1][1] == n
+
+        def cost(split, lengths=lengths):
+            return sum(decoding._PASS_COST + (b - a) * lengths[b - 1] for a, b in split)
+
+        def fits(split, lengths=lengths, limit=limit):
+            return all((b - a) * lengths[b - 1] <= limit or b - a == 1 for a, b in split)
+
+        splits = []
+        for mask in range(2 ** (n - 1)):
+            cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+            splits.append(list(zip(cuts, cuts[1:], strict=False)))
+        assert fits(chunks) and cost(chunks) == min(cost(s) for s in splits if fits(s))

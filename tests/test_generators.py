@@ -78,6 +78,19 @@ def test_target_logprobs_equal_a_full_forward(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_target_token_logprobs_are_the_gathered_target_logprobs(name):
+    """Taken only at the real positions, the targets' log-probabilities are those of the whole (N, T, V)
+    log-softmax to the bit (rescoring in decoding sums them), and 0 on padding."""
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    assert not bool(targets.mask.all()), "targets of different lengths: padding must be there to skip"
+    with torch.no_grad():
+        full = gen.target_logprobs(prefix, ROWS, targets).gather(-1, targets.ids[:, :, None]).squeeze(-1)
+        got = gen.target_token_logprobs(prefix, ROWS, targets)  # (N, T)
+    assert torch.equal(got, torch.where(targets.mask, full, 0.0))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_step_by_step_equals_teacher_forcing(name):
     gen = tiny_generator(name)
     _, prefix, targets = _prefix_and_targets(gen)

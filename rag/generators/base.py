@@ -25,6 +25,10 @@ its j-th passage. Closed-book use passes K = 1 and no passage.
         The same distributions as unnormalised logits (log_softmax of them is target_logprobs): training
         gathers the targets as logit - logsumexp (rag.marginalize.target_logprobs_from_logits) and never
         keeps a (N, T, V) log-softmax.
+    gen.target_token_logprobs(prefix, rows, targets) -> Tensor (N, T)
+        log p(targets.ids[n, t] | ...) at the real positions, 0 on padding: the numbers target_logprobs
+        gathers, to the bit, with the log-softmax taken only where the mask is set (decoding's
+        rescoring keeps no (N, T, V) float tensor).
     gen.start(prefix: Prefix, rows: LongTensor (N,)) -> DecodeState
         A decoding state of N rows (row n continues prefix row rows[n]), before any generated token.
     gen.step(state: DecodeState, tokens: LongTensor (N,) | None) -> tuple[Tensor (N, V), DecodeState]
@@ -171,6 +175,16 @@ def _cache_of(output) -> Cache:
 
 def _logsoftmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _picked_logprobs(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """(N, T, V) logits -> (N, T) log_softmax at ids, 0 where mask is False. The log-softmax runs on the
+    masked positions only; each position's numbers are those of _logsoftmax on the whole tensor (the
+    softmax is taken per position)."""
+    out = logits.new_zeros(ids.shape, dtype=torch.float32)  # (N, T)
+    real = _logsoftmax(logits[mask])  # (M, V)
+    out[mask] = real.gather(-1, ids[mask][:, None]).squeeze(-1)
+    return out
 
 
 class Generator(nn.Module):

@@ -20,6 +20,7 @@ from rag.generators.base import (
     _cache_of,
     _copy_cache,
     _logsoftmax,
+    _picked_logprobs,
 )
 
 PREFILL_ROWS = 8  # inference prefills prompts in groups of this many, by length (CausalGenerator.encode_prefix)
@@ -183,6 +184,13 @@ class CausalGenerator(Generator):
         # The first position's log-probabilities are their own logits (log_softmax leaves them as they are).
         first, later = self._target_forward(prefix, rows, targets)
         return first if later is None else torch.cat([first, later.float()], dim=1)  # (N, T, V)
+
+    def target_token_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        first, later = self._target_forward(prefix, rows, targets)
+        out = torch.where(targets.mask[:, :1], first[:, 0].gather(-1, targets.ids[:, :1]), 0.0)  # (N, 1): log-probs
+        if later is None:
+            return out
+        return torch.cat([out, _picked_logprobs(later, targets.ids[:, 1:], targets.mask[:, 1:])], dim=1)  # (N, T)
 
     def _target_forward(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> tuple[Tensor, Tensor | None]:
         """log p(y_1 | prompt) (N, 1, V) from the prefix, and the logits of positions 2..T (N, T-1, V)."""

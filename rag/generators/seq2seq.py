@@ -19,6 +19,7 @@ from rag.generators.base import (
     _cache_of,
     _copy_cache,
     _logsoftmax,
+    _picked_logprobs,
 )
 
 
@@ -63,6 +64,9 @@ class Seq2SeqGenerator(Generator):
 
     def target_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         return _logsoftmax(self.target_logits(prefix, rows, targets))  # (N, T, V)
+
+    def target_token_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
+        return _picked_logprobs(self.target_logits(prefix, rows, targets), targets.ids, targets.mask)  # (N, T)
 
     def target_logits(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         assert prefix.hidden is not None
