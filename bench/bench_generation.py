@@ -9,6 +9,8 @@ words); the word-level vocabulary is their most frequent words, BART-base sized.
 
     python bench/bench_generation.py                 # the issue's setting: k=5, 4 beams, 8 questions, 20 tokens
     python bench/bench_generation.py --tiny --no-ask # a smoke run in seconds
+    python bench/bench_generation.py --no-decoding --ask-settings sequence:4 --before /tmp/before --rounds 2
+        # `rag ask` RAG-Sequence thorough, 4 beams: this tree against an earlier one, alternating rounds
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -193,6 +197,50 @@ def ask_latency(questions: list[str], kind: str, beams: int, dtype: str) -> dict
     return {"load_s": load_s, "mean_s": sum(times) / len(times), "max_s": max(times), "answers": answers}
 
 
+_ASK_IN_TREE = """
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from rag.answering import Asker, rag_model_config
+from rag.config import DecodingConfig
+kind, beams, dtype, questions = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[5])
+asker = Asker.load(rag_model_config(kind=kind, dtype=dtype), DecodingConfig(num_beams=beams, max_new_tokens=32, min_new_tokens=1))
+asker.ask(questions[0])
+runs = []
+for q in questions:
+    start = time.perf_counter()
+    a = asker.ask(q)
+    runs.append({"s": time.perf_counter() - start, "answer": a.answer, "token_ids": a.token_ids, "log_prob": a.log_prob})
+print("RESULT " + json.dumps(runs))
+"""
+
+
+def ask_trees(trees: dict[str, Path], setting: tuple[str, int, str], rounds: int, threads: int) -> dict[str, Any]:
+    """`rag ask` (its Asker, after a warm-up question) in each tree's own process, in alternating rounds:
+    per question the best of the rounds; the answers must be the same in every tree."""
+    kind, beams, dtype = setting
+    best: dict[str, list[float]] = {}
+    answers: dict[str, list[Any]] = {}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            cmd = [sys.executable, "-c", _ASK_IN_TREE, kind, str(beams), dtype, str(threads), json.dumps(ASK_QUESTIONS)]
+            done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tree, capture_output=True,
+                                  text=True)  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"{tree}: rag ask failed: {done.stderr[-800:]}")
+            runs = json.loads(done.stdout.split("RESULT ", 1)[1])
+            seconds = [r["s"] for r in runs]
+            best[name] = [min(a, b) for a, b in zip(best.get(name, seconds), seconds, strict=True)]
+            answers[name] = [(r["answer"], r["token_ids"], r["log_prob"]) for r in runs]
+    first = next(iter(answers.values()))
+    same = all([a[:2] for a in other] == [a[:2] for a in first] for other in answers.values())
+    drift = max(abs(a[2] - b[2]) for other in answers.values() for a, b in zip(first, other, strict=True)
+                if a[2] is not None and b[2] is not None)  # fmt: skip
+    return {"kind": kind, "beams": beams, "dtype": dtype, "mean_s": {n: sum(s) / len(s) for n, s in best.items()},
+            "per_question_s": best, "same_answers": same, "max_log_prob_diff": drift,
+            "answers": {n: [a[0] for a in v] for n, v in answers.items()}}  # fmt: skip
+
+
 # (kind, beams, generator dtype): the `rag ask` defaults first, then the paper-like alternatives
 ASK_SETTINGS = [
     ("token", 1, "auto"),
@@ -223,16 +271,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ask", action="store_true", help="skip the `rag ask` latency")
     parser.add_argument("--ask-only", action="store_true", help="only the `rag ask` latency")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-decoding", action="store_true", help="skip the comparison with transformers")
+    parser.add_argument("--ask-settings", nargs="+", default=None,
+                        help="KIND:BEAMS[:DTYPE] `rag ask` settings (default: all of ASK_SETTINGS)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="an earlier tree: `rag ask` latency of both trees, alternating rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="--before: rounds (best of per question)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "bench_generation.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
-        "settings": vars(args) | {"out": str(args.out), "threads": torch.get_num_threads()}
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        | {"threads": torch.get_num_threads()}
     }
     rows: list[Row] = []
-    if not args.ask_only:
+    if args.ask_settings:
+        settings = [(f.split(":") + ["auto"])[:3] for f in args.ask_settings]
+        ask_settings = [(kind, int(beams), dtype) for kind, beams, dtype in settings]
+    else:
+        ask_settings = ASK_SETTINGS
+    result["load_average"] = os.getloadavg()
+    if args.before is not None:
+        trees = {"before": args.before.resolve(), "after": ROOT}
+        compared = [ask_trees(trees, s, args.rounds, args.threads or 1) for s in ask_settings]
+        result["ask_trees"] = {"before": str(trees["before"]), "runs": compared, "target_s": 2.0}
+        print(f"\n| `rag ask` (k=5, after warm-up; best of {args.rounds} alternating rounds) | before s/question "
+              "| after s/question | speed-up | same answers | max log p(y|x) diff |")
+        print("|---|---:|---:|---:|---|---:|")
+        for c in compared:
+            b, a = c["mean_s"]["before"], c["mean_s"]["after"]
+            print(f"| --kind {c['kind']} --beams {c['beams']} --dtype {c['dtype']} | {b:.2f} | {a:.2f} | {b / a:.2f}x "
+                  f"| {c['same_answers']} | {c['max_log_prob_diff']:.2g} |")
+            for name, seconds in c["per_question_s"].items():
+                print(f"  {name} per question: " + " ".join(f"{x:.2f}" for x in seconds))
+        result["load_average_after"] = os.getloadavg()
+        print(f"load average before / after: {result['load_average']} / {result['load_average_after']}")
+    if not args.ask_only and not args.no_decoding:
         with torch.inference_mode():
             rows = compare_decoding(args)
         print(
@@ -246,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r.identical} |"
             )
         result["decoding"] = [asdict(r) for r in rows]
-    if not args.no_ask:
+    if not args.no_ask and args.before is None:
         ask = []
-        for kind, beams, dtype in ASK_SETTINGS:
+        for kind, beams, dtype in ask_settings:
             t = ask_latency(ASK_QUESTIONS, kind, beams, dtype)
             ask.append({"kind": kind, "beams": beams, "dtype": dtype} | t)
             print(
@@ -263,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
-    return 0 if all(r.identical for r in rows) else 1
+    same = all(c["same_answers"] for c in result.get("ask_trees", {}).get("runs", []))
+    return 0 if all(r.identical for r in rows) and same else 1
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def test_target_logprobs_equal_a_full_forward(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_target_token_logprobs_are_the_gathered_target_logprobs(name):
     """Taken only at the real positions, the targets' log-probabilities are those of the whole (N, T, V)
-    log-softmax to the bit (rescoring in decoding sums them), and 0 on padding."""
+    log-softmax to the bit (rescoring in decoding sums them), and 0 on padding. Seq2seq computes the
+    cross-attention keys once per distinct prefix row (ROWS repeats row 3) and reads them from the cache."""
     gen = tiny_generator(name)
     _, prefix, targets = _prefix_and_targets(gen)
     assert not bool(targets.mask.all()), "targets of different lengths: padding must be there to skip"

@@ -66,17 +66,32 @@ class Seq2SeqGenerator(Generator):
         return _logsoftmax(self.target_logits(prefix, rows, targets))  # (N, T, V)
 
     def target_token_logprobs(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
-        return _picked_logprobs(self.target_logits(prefix, rows, targets), targets.ids, targets.mask)  # (N, T)
+        if torch.is_grad_enabled():
+            return _picked_logprobs(self.target_logits(prefix, rows, targets), targets.ids, targets.mask)  # (N, T)
+        # Inference (decoding's rescoring: many hypotheses under few prefix rows): the cross-attention keys
+        # and values depend only on the prefix row, so they are computed once per distinct row (a one-token
+        # decoder pass fills them) and read from the cache by every hypothesis, not projected again for each.
+        assert prefix.hidden is not None
+        unique, inverse = torch.unique(rows, return_inverse=True)  # (U,), (N,)
+        hidden, mask = prefix.hidden.index_select(0, unique), prefix.attention_mask.index_select(0, unique)
+        start = torch.full((len(unique), 1), self.decoder_start_token_id, dtype=torch.long, device=rows.device)
+        filled = _cache_of(self._decode_forward(hidden, mask, start, EncoderDecoderCache(DynamicCache(), DynamicCache())))
+        cache = EncoderDecoderCache(DynamicCache(), _copy_cache(filled.cross_attention_cache, inverse))
+        logits = self._decode_forward(hidden.index_select(0, inverse), mask.index_select(0, inverse),
+                                      self._decoder_input(targets), cache).logits  # (N, T, V)
+        return _picked_logprobs(logits, targets.ids, targets.mask)  # (N, T)
+
+    def _decoder_input(self, targets: TargetBatch) -> Tensor:
+        first = self.decoder_start_token_id if targets.start is None else targets.start
+        start = targets.ids.new_full((targets.ids.shape[0], 1), first)
+        return torch.cat([start, targets.ids[:, :-1]], dim=1)  # (N, T)
 
     def target_logits(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> Tensor:
         assert prefix.hidden is not None
-        first = self.decoder_start_token_id if targets.start is None else targets.start
-        start = targets.ids.new_full((targets.ids.shape[0], 1), first)
-        decoder_input = torch.cat([start, targets.ids[:, :-1]], dim=1)  # (N, T)
         out = self._decode_forward(
             prefix.hidden.index_select(0, rows),
             prefix.attention_mask.index_select(0, rows),
-            decoder_input,
+            self._decoder_input(targets),
             None,
         )
         return out.logits  # (N, T, V)
