@@ -463,6 +463,9 @@ def _rescore(gen: Any, prefix: Prefix, sequences: list[list[list[int]]], scored:
     todo = [(b, c, z) for b, hit in enumerate(in_beam) for c, z in (~hit).nonzero().tolist()]
     if not todo:
         return
+    if hasattr(gen, "hypotheses_logprobs"):  # causal: each prompt row's hypotheses as one trie
+        _rescore_by_row(gen, prefix, sequences, scored, todo, docs)
+        return
     todo.sort(key=lambda item: len(sequences[item[0]][item[1]]))
     lengths = [len(sequences[b][c]) for b, c, _ in todo]
     device = scored[0].device
@@ -478,6 +481,29 @@ def _rescore(gen: Any, prefix: Prefix, sequences: list[list[list[int]]], scored:
         picked = gen.target_token_logprobs(prefix, rows, TargetBatch(ids.to(device), mask.to(device)))  # (N, T)
         for (b, c, z), value in zip(part, picked.sum(-1).tolist(), strict=True):
             scored[b][c, z] = value
+
+
+def _rescore_by_row(gen: Any, prefix: Prefix, sequences: list[list[list[int]]], scored: list[Tensor],
+                    todo: list[tuple[int, int, int]], docs: int) -> None:
+    """_rescore through gen.hypotheses_logprobs: the hypotheses to score under each prompt row b*K + z
+    together (their shared prefixes once), rows in passes of at most _ROWS_PER_PASS logits."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, c, z in todo:
+        groups.setdefault((b, z), []).append(c)
+    keys = sorted(groups, key=lambda key: sum(len(sequences[key[0]][c]) for c in groups[key]))
+    sizes = [sum(len(sequences[b][c]) for c in groups[(b, z)]) for b, z in keys]  # bounds the trie's nodes
+    budget, device, start = max(1, _ROWS_PER_PASS // gen.vocab_size), scored[0].device, 0
+    while start < len(keys):
+        end = start + 1
+        while end < len(keys) and (end + 1 - start) * sizes[end] <= budget:
+            end += 1
+        part = keys[start:end]
+        rows = torch.tensor([b * docs + z for b, z in part], device=device)
+        values = gen.hypotheses_logprobs(prefix, rows, [[sequences[b][c] for c in groups[(b, z)]] for b, z in part])
+        for (b, z), row_values in zip(part, values, strict=True):
+            for c, value in zip(groups[(b, z)], row_values, strict=True):
+                scored[b][c, z] = value
+        start = end
 
 
 _PASS_COST = 32  # a forward's fixed cost (weights read, per-layer overhead) in padded target positions

@@ -15,6 +15,7 @@ from rag.generators import (
     SHORT_ANSWER_EXAMPLES,
     CausalGenerator,
     Seq2SeqGenerator,
+    TargetBatch,
     _copy_cache,
     converted_gguf_dir,
     load_generator,
@@ -89,6 +90,23 @@ def test_target_token_logprobs_are_the_gathered_target_logprobs(name):
         full = gen.target_logprobs(prefix, ROWS, targets).gather(-1, targets.ids[:, :, None]).squeeze(-1)
         got = gen.target_token_logprobs(prefix, ROWS, targets)  # (N, T)
     assert torch.equal(got, torch.where(targets.mask, full, 0.0))
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-chat", "llama-short-answer", "gpt2"])
+def test_hypotheses_as_a_trie_equal_teacher_forcing_each_alone(name):
+    """Causal rescoring feeds each prompt row's hypotheses as one trie with a tree attention mask: every
+    hypothesis's log p(y|prompt) equals teacher-forcing it alone (shared prefixes, a prefix of another
+    hypothesis, a duplicate, one-token hypotheses, rows with different trie sizes)."""
+    gen = tiny_generator(name)
+    _, prefix, _ = _prefix_and_targets(gen)
+    hypotheses = [[[5, 6, 7, 8], [5, 6, 9], [5, 6], [5, 6, 7, 8], [10]], [[11]], [[7, 8, 9, 10, 11, 12], [7, 12]]]
+    rows = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        got = gen.hypotheses_logprobs(prefix, rows, hypotheses)
+        for p, hyps in enumerate(hypotheses):
+            for y, value in zip(hyps, got[p], strict=True):
+                alone = gen.target_token_logprobs(prefix, rows[p : p + 1], TargetBatch(torch.tensor([y]), torch.ones(1, len(y), dtype=torch.bool)))
+                assert value == pytest.approx(float(alone.sum()), abs=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -192,6 +192,61 @@ class CausalGenerator(Generator):
             return out
         return torch.cat([out, _picked_logprobs(later, targets.ids[:, 1:], targets.mask[:, 1:])], dim=1)  # (N, T)
 
+    def hypotheses_logprobs(self, prefix: Prefix, rows: Tensor, hypotheses: list[list[list[int]]]) -> list[list[float]]:
+        """log p(y | prompt) of every hypothesis y (token ids, summed over its tokens) under each prompt row
+        rows[p], hypotheses[p] its list (inference only). A row's hypotheses share prefixes (beams part late):
+        its fed tokens are laid out as a trie and run in one forward with a tree attention mask (a node sees
+        the prompt and its own ancestors, at position prompt + depth), so a shared prefix is computed once
+        and the prompt's cache is copied once per row, not once per hypothesis. Equal to teacher-forcing
+        each hypothesis alone (tests/test_generators.py) up to rounding. Layers other than DynamicLayer
+        (sliding windows) take the per-hypothesis path."""
+        assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
+        first = prefix.first_logprobs.index_select(0, rows)  # (P, V)
+        out = [[float(first[p, y[0]]) for y in hyps] for p, hyps in enumerate(hypotheses)]
+        tries = [_Trie(hyps) for hyps in hypotheses]
+        width = max(len(t.tokens) for t in tries)
+        if width == 0:
+            return out
+        if not all(type(layer) is DynamicLayer for layer in prefix.cache.layers):
+            return self._hypotheses_one_by_one(prefix, rows, hypotheses)
+        n_rows, prompt = len(tries), prefix.attention_mask.shape[1]
+        ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
+        depth = torch.zeros(n_rows, width, dtype=torch.long)
+        sees = torch.eye(width, dtype=torch.bool).repeat(n_rows, 1, 1)  # (P, M, M) a node sees itself...
+        for p, trie in enumerate(tries):
+            ids[p, : len(trie.tokens)] = torch.tensor(trie.tokens, dtype=torch.long)
+            depth[p, : len(trie.tokens)] = torch.tensor(trie.depth, dtype=torch.long)
+            for node, parent in enumerate(trie.parent):
+                if parent >= 0:  # ...and what its parent sees (parents come first)
+                    sees[p, node] |= sees[p, parent]
+        device = prefix.attention_mask.device
+        seen = torch.cat([prefix.attention_mask.index_select(0, rows).bool()[:, None].expand(-1, width, prompt),
+                          sees.to(device)], dim=2)  # (P, M, L + M)  # fmt: skip
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
+        positions = prefix.positions.index_select(0, rows)[:, None] + depth.to(device)  # (P, M)
+        logits = self._forward(ids.to(device), mask[:, None], positions, _copy_cache(prefix.cache, rows)).logits
+        for p, trie in enumerate(tries):
+            nodes, targets = trie.scored  # (S,) node whose output predicts targets (S,)
+            if not nodes:
+                continue
+            picked = _logsoftmax(logits[p, nodes]).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+            sums = torch.zeros(len(hypotheses[p])).index_add_(0, torch.tensor(trie.owner), picked.cpu().float())
+            out[p] = [a + b for a, b in zip(out[p], sums.tolist(), strict=True)]
+        return out
+
+    def _hypotheses_one_by_one(self, prefix: Prefix, rows: Tensor, hypotheses: list[list[list[int]]]) -> list[list[float]]:
+        out = []
+        for p, hyps in enumerate(hypotheses):
+            width = max(len(y) for y in hyps)
+            ids = torch.full((len(hyps), width), self.pad_token_id, dtype=torch.long, device=rows.device)
+            mask = torch.zeros(len(hyps), width, dtype=torch.bool, device=rows.device)
+            for n, y in enumerate(hyps):
+                ids[n, : len(y)], mask[n, : len(y)] = torch.tensor(y), True
+            picked = self.target_token_logprobs(prefix, rows[p].repeat(len(hyps)), TargetBatch(ids, mask))
+            out.append(picked.sum(-1).tolist())
+        return out
+
     def _target_forward(self, prefix: Prefix, rows: Tensor, targets: TargetBatch) -> tuple[Tensor, Tensor | None]:
         """log p(y_1 | prompt) (N, 1, V) from the prefix, and the logits of positions 2..T (N, T-1, V)."""
         assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
@@ -243,3 +298,30 @@ class CausalGenerator(Generator):
             pending=None if state.pending is None else state.pending.index_select(0, index),
             rows=None if state.rows is None else state.rows.index_select(0, index),
         )
+
+
+class _Trie:
+    """The fed tokens (all but the last) of a prompt row's hypotheses as a trie, nodes in insertion order
+    (a parent before its children). scored: for every (hypothesis, position >= 2) the node whose output
+    predicts that position's token, the token, and (owner) the hypothesis it counts for."""
+
+    def __init__(self, hypotheses: list[list[int]]) -> None:
+        self.tokens: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        index: dict[tuple[int, ...], int] = {}
+        nodes, targets, self.owner = [], [], []
+        for h, y in enumerate(hypotheses):
+            node = -1
+            for t in range(len(y) - 1):
+                key = tuple(y[: t + 1])
+                if key not in index:
+                    index[key] = len(self.tokens)
+                    self.tokens.append(y[t])
+                    self.parent.append(node)
+                    self.depth.append(t)
+                node = index[key]
+                nodes.append(node)
+                targets.append(y[t + 1])
+                self.owner.append(h)
+        self.scored = (nodes, targets)
