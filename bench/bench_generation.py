@@ -208,9 +208,9 @@ asker = Asker.load(rag_model_config(kind=kind, dtype=dtype), DecodingConfig(num_
 asker.ask(questions[0])
 runs = []
 for q in questions:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     a = asker.ask(q)
-    runs.append({"s": time.perf_counter() - start, "answer": a.answer, "token_ids": a.token_ids, "log_prob": a.log_prob})
+    runs.append({"s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "answer": a.answer, "token_ids": a.token_ids, "log_prob": a.log_prob})
 print("RESULT " + json.dumps(runs))
 """
 
@@ -220,6 +220,7 @@ def ask_trees(trees: dict[str, Path], setting: tuple[str, int, str], rounds: int
     per question the best of the rounds; the answers must be the same in every tree."""
     kind, beams, dtype = setting
     best: dict[str, list[float]] = {}
+    best_cpu: dict[str, list[float]] = {}
     answers: dict[str, list[Any]] = {}
     for _ in range(rounds):
         for name, tree in trees.items():
@@ -231,13 +232,16 @@ def ask_trees(trees: dict[str, Path], setting: tuple[str, int, str], rounds: int
             runs = json.loads(done.stdout.split("RESULT ", 1)[1])
             seconds = [r["s"] for r in runs]
             best[name] = [min(a, b) for a, b in zip(best.get(name, seconds), seconds, strict=True)]
+            cpu = [r["cpu_s"] for r in runs]
+            best_cpu[name] = [min(a, b) for a, b in zip(best_cpu.get(name, cpu), cpu, strict=True)]
             answers[name] = [(r["answer"], r["token_ids"], r["log_prob"]) for r in runs]
     first = next(iter(answers.values()))
     same = all([a[:2] for a in other] == [a[:2] for a in first] for other in answers.values())
     drift = max(abs(a[2] - b[2]) for other in answers.values() for a, b in zip(first, other, strict=True)
                 if a[2] is not None and b[2] is not None)  # fmt: skip
     return {"kind": kind, "beams": beams, "dtype": dtype, "mean_s": {n: sum(s) / len(s) for n, s in best.items()},
-            "per_question_s": best, "same_answers": same, "max_log_prob_diff": drift,
+            "per_question_s": best, "cpu_mean_s": {n: sum(s) / len(s) for n, s in best_cpu.items()},
+            "per_question_cpu_s": best_cpu, "same_answers": same, "max_log_prob_diff": drift,
             "answers": {n: [a[0] for a in v] for n, v in answers.items()}}  # fmt: skip
 
 
@@ -298,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         compared = [ask_trees(trees, s, args.rounds, args.threads or 1) for s in ask_settings]
         result["ask_trees"] = {"before": str(trees["before"]), "runs": compared, "target_s": 2.0}
         print(f"\n| `rag ask` (k=5, after warm-up; best of {args.rounds} alternating rounds) | before s/question "
-              "| after s/question | speed-up | same answers | max log p(y|x) diff |")
-        print("|---|---:|---:|---:|---|---:|")
+              "| after s/question | speed-up | CPU s before | CPU s after | CPU speed-up | same answers "
+              "| max log p(y|x) diff |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
         for c in compared:
             b, a = c["mean_s"]["before"], c["mean_s"]["after"]
+            cb, ca = c["cpu_mean_s"]["before"], c["cpu_mean_s"]["after"]
             print(f"| --kind {c['kind']} --beams {c['beams']} --dtype {c['dtype']} | {b:.2f} | {a:.2f} | {b / a:.2f}x "
-                  f"| {c['same_answers']} | {c['max_log_prob_diff']:.2g} |")
+                  f"| {cb:.2f} | {ca:.2f} | {cb / ca:.2f}x | {c['same_answers']} | {c['max_log_prob_diff']:.2g} |")
             for name, seconds in c["per_question_s"].items():
                 print(f"  {name} per question: " + " ".join(f"{x:.2f}" for x in seconds))
         result["load_average_after"] = os.getloadavg()
