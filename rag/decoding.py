@@ -89,13 +89,14 @@ class _Rules:
 class _Stepper:
     """Drives the generator over G groups of `block` rows (RAG-Token: the K passages; RAG-Sequence: 1)."""
 
-    def __init__(self, gen: Any, prefix: Prefix, groups: int, block: int, prior: Tensor | None) -> None:
+    def __init__(self, gen: Any, prefix: Prefix, groups: int, block: int, prior: Tensor | None,
+                 room: int = 0) -> None:
         if len(prefix) != groups * block:
             raise ValueError(f"the prefix holds {len(prefix)} rows; B*K = {groups * block} expected (row b*K + z)")
         self.gen, self.groups, self.block, self.prior = gen, groups, block, prior  # prior (G, block)
         device = prior.device if prior is not None else prefix.attention_mask.device
         self.offsets = torch.arange(block, device=device)  # (block,)
-        self.state = gen.start(prefix, torch.arange(groups * block, device=device))
+        self.state = gen.start(prefix, torch.arange(groups * block, device=device), room=room)
 
     def _combine(self, logp: Tensor, beams: int) -> tuple[Tensor, Tensor]:
         per_doc = logp.view(-1, self.block, logp.shape[-1])  # (N, block, V)
@@ -331,7 +332,7 @@ def _rules(gen: Any, config: DecodingConfig, options: SearchOptions) -> _Rules:
 
 def _search(gen: Any, prefix: Prefix, groups: int, block: int, prior: Tensor | None,
             config: DecodingConfig, options: SearchOptions) -> _Found:
-    stepper = _Stepper(gen, prefix, groups, block, prior)
+    stepper = _Stepper(gen, prefix, groups, block, prior, room=config.max_new_tokens)
     rules = _rules(gen, config, options)
     return _greedy(stepper, rules) if config.num_beams == 1 else _beam_search(stepper, config.num_beams, rules)
 
@@ -393,7 +394,8 @@ def rag_token_greedy_stream(gen: Any, prefix: Prefix, doc_logprior: Tensor, conf
     if config.num_beams != 1 or config.num_return_sequences != 1:
         raise ValueError("streaming decodes greedily: num_beams and num_return_sequences must be 1")
     batch, docs = doc_logprior.shape
-    steps = _greedy_steps(_Stepper(gen, prefix, batch, docs, doc_logprior), _rules(gen, config, options))
+    stepper = _Stepper(gen, prefix, batch, docs, doc_logprior, room=config.max_new_tokens)
+    steps = _greedy_steps(stepper, _rules(gen, config, options))
     answered = doc_logprior.new_zeros(batch, docs)  # (B, K) log p(y_<=i | x, z)
     while True:
         try:

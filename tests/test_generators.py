@@ -109,6 +109,36 @@ def test_hypotheses_as_a_trie_equal_teacher_forcing_each_alone(name):
                 assert value == pytest.approx(float(alone.sum()), abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_decoding_with_room_gives_the_same_numbers_and_states_stay_values(name):
+    """start(..., room=n) writes generated tokens into the cache in place: every step's distribution is
+    the one without room to the bit (also past the room, and after a reorder), and an older state stepped
+    again (a second continuation) still gives its own numbers."""
+    gen = tiny_generator(name)
+    _, prefix, targets = _prefix_and_targets(gen)
+    index = torch.tensor([1, 1, 3, 0])
+    with torch.no_grad():
+        states = {room: gen.start(prefix, ROWS, room=room) for room in (0, 2)}
+        got: dict[int, list[torch.Tensor]] = {0: [], 2: []}
+        kept = {}
+        for room, state in states.items():
+            logprobs, state = gen.step(state, None)
+            got[room].append(logprobs)
+            for t in range(1, targets.ids.shape[1]):
+                if t == 2:
+                    kept[room] = state
+                    state = gen.reorder(state, index)
+                tokens = targets.ids[:, t - 1] if t < 2 else targets.ids[index, t - 1]
+                logprobs, state = gen.step(state, tokens)
+                got[room].append(logprobs)
+            first, first_state = gen.step(kept[room], targets.ids[:, 1])  # the older state, continued again
+            second, _ = gen.step(kept[room], targets.ids[:, 2])  # and once more, otherwise
+            got[room] += [first, second, gen.step(first_state, targets.ids[:, 0])[0]]  # the first goes on
+    assert targets.ids.shape[1] > 3, "the targets must outgrow the room"
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[2], strict=True))
+    assert not torch.equal(got[2][-2], got[2][-3])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_step_by_step_equals_teacher_forcing(name):
     gen = tiny_generator(name)

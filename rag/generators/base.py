@@ -29,8 +29,10 @@ its j-th passage. Closed-book use passes K = 1 and no passage.
         log p(targets.ids[n, t] | ...) at the real positions, 0 on padding: the numbers target_logprobs
         gathers, to the bit, with the log-softmax taken only where the mask is set (decoding's
         rescoring keeps no (N, T, V) float tensor).
-    gen.start(prefix: Prefix, rows: LongTensor (N,)) -> DecodeState
+    gen.start(prefix: Prefix, rows: LongTensor (N,), room: int = 0) -> DecodeState
         A decoding state of N rows (row n continues prefix row rows[n]), before any generated token.
+        room: tokens the caller expects to feed; a causal cache then holds them in place (no per-token
+        copy of the cache), with the same numbers.
     gen.step(state: DecodeState, tokens: LongTensor (N,) | None) -> tuple[Tensor (N, V), DecodeState]
         Log-softmax of the next token. The first call passes None (distribution of the first target
         token); each later call feeds the tokens just chosen. Uses and extends the key/value cache.
@@ -157,6 +159,8 @@ def _copy_cache(cache: Cache, rows: Tensor | None = None) -> Cache:
 
 
 def _copy_layer(layer, rows: Tensor | None):
+    if rows is not None and hasattr(layer, "select_rows"):  # a layer that lays out its own tensors
+        return layer.select_rows(rows)
     out = copy.copy(layer)  # update() rebinds keys/values of the copy; the original's tensors stay
     if rows is not None and layer.is_initialized:
         out.keys, out.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)

@@ -260,11 +260,14 @@ class CausalGenerator(Generator):
         out = self._forward(feed, mask, positions, _copy_cache(prefix.cache, rows))
         return first, out.logits
 
-    def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
+    def start(self, prefix: Prefix, rows: Tensor, room: int = 0) -> DecodeState:
         assert prefix.cache is not None and prefix.positions is not None and prefix.first_logprobs is not None
+        cache = _copy_cache(prefix.cache, rows)
+        if room > 0 and all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+            cache.layers = [_RoomLayer(layer, room) for layer in cache.layers]
         return DecodeState(
             attention_mask=prefix.attention_mask.index_select(0, rows),
-            cache=_copy_cache(prefix.cache, rows),
+            cache=cache,
             positions=prefix.positions.index_select(0, rows),
             pending=prefix.first_logprobs.index_select(0, rows),
             rows=rows,
@@ -325,3 +328,47 @@ class _Trie:
                 targets.append(y[t + 1])
                 self.owner.append(h)
         self.scored = (nodes, targets)
+
+
+class _RoomLayer(DynamicLayer):
+    """A decoding cache layer with room: keys / values are views [:, :, :length] of buffers that hold `room`
+    more positions, and update() writes the new positions in place instead of concatenating (a copy of the
+    whole cache, prompt included, for every generated token). Attention reads the same numbers either way.
+
+    Values stay values (DecodeState): the copies _copy_cache makes share the buffers and a one-element list
+    `written` (the length written into them); a copy whose length is behind it continues an older state (a
+    state stepped twice) and moves to buffers of its own first. A row selection (reorder) copies the buffers."""
+
+    def __init__(self, layer: DynamicLayer, room: int) -> None:
+        super().__init__()
+        self.device, self.is_initialized = layer.device, True
+        keys, values = layer.keys, layer.values  # (N, H, L, d)
+        self._buffers = tuple(torch.cat([t, t.new_zeros(*t.shape[:2], room, t.shape[-1])], dim=2) for t in (keys, values))
+        self._length, self._written = keys.shape[2], [keys.shape[2]]
+        self._view()
+
+    def _view(self) -> None:
+        self.keys, self.values = (t[:, :, : self._length] for t in self._buffers)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        n = key_states.shape[2]
+        capacity = self._buffers[0].shape[2]
+        if self._written[0] != self._length or self._length + n > capacity:  # an older state, or no room left
+            grown = max(capacity, self._length + n)
+            self._buffers = tuple(torch.cat([t[:, :, : self._length], t.new_zeros(*t.shape[:2], grown - self._length,
+                                                                                   t.shape[-1])], dim=2)
+                                  for t in self._buffers)  # fmt: skip
+            self._written = [self._length]
+        for buffer, new in zip(self._buffers, (key_states, value_states), strict=True):
+            buffer[:, :, self._length : self._length + n] = new
+        self._length += n
+        self._written[0] = self._length
+        self._view()
+        return self.keys, self.values
+
+    def select_rows(self, rows: Tensor) -> _RoomLayer:
+        out = copy.copy(self)
+        out._buffers = tuple(t.index_select(0, rows) for t in self._buffers)
+        out._written = [self._length]
+        out._view()
+        return out

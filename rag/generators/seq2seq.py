@@ -96,7 +96,7 @@ class Seq2SeqGenerator(Generator):
         )
         return out.logits  # (N, T, V)
 
-    def start(self, prefix: Prefix, rows: Tensor) -> DecodeState:
+    def start(self, prefix: Prefix, rows: Tensor, room: int = 0) -> DecodeState:  # room: the causal cache's
         assert prefix.hidden is not None
         return DecodeState(
             attention_mask=prefix.attention_mask.index_select(0, rows),
