@@ -364,11 +364,11 @@ def test_smollm2_gguf_converts_once_and_reads_luanda_from_the_angola_passage():
     assert "Luanda" in gen.decode(out)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-short-answer", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama-short-answer", "gpt2", "bart", "t5"])
 def test_prefill_by_length_equals_one_padded_prefill(name):
-    """Inference prefills more than PREFILL_ROWS prompts in length groups and lays their caches back into
-    one left-padded cache: every row's first-token distribution, scored targets and greedy steps equal
-    those of the single padded prefill (training's path)."""
+    """Inference prefills (causal) or encodes (seq2seq) more than PREFILL_ROWS inputs in length groups and
+    lays their caches / encoder outputs back into one padded batch: every row's first-token distribution,
+    scored targets and greedy steps equal those of the single padded forward (training's path)."""
     from rag.generators.causal import PREFILL_ROWS
 
     gen = tiny_generator(name)
@@ -381,7 +381,12 @@ def test_prefill_by_length_equals_one_padded_prefill(name):
         grouped = gen.encode_prefix(inputs)
         with torch.enable_grad():
             single = gen.encode_prefix(inputs)  # under grad: the one padded forward
-        torch.testing.assert_close(grouped.first_logprobs, single.first_logprobs, atol=1e-5, rtol=0)
+        if gen.family == "causal":
+            torch.testing.assert_close(grouped.first_logprobs, single.first_logprobs, atol=1e-5, rtol=0)
+        else:  # the encoder's output at the real positions; zeros where padding was
+            real = inputs.attention_mask.bool()
+            torch.testing.assert_close(grouped.hidden[real], single.hidden[real], atol=1e-5, rtol=0)
+            assert not grouped.hidden[~real].any()
         rows = torch.arange(len(questions))
         targets = gen.encode_targets(["the capital", "one two", "angola"] * 3 + ["born"])
         torch.testing.assert_close(gen.target_logprobs(grouped, rows, targets), gen.target_logprobs(single, rows, targets),

@@ -181,6 +181,16 @@ def _logsoftmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+PREFILL_ROWS = 8  # inference encodes / prefills inputs in groups of this many, by length (length_groups)
+
+
+def length_groups(mask: Tensor) -> list[Tensor]:
+    """Rows of an (R, L) attention mask ordered by length, longest first, in groups of PREFILL_ROWS: each
+    group run cut to its own longest costs the padding of similar lengths only (a batch's passages differ)."""
+    order = torch.argsort(mask.sum(-1), descending=True, stable=True)
+    return [order[i : i + PREFILL_ROWS] for i in range(0, mask.shape[0], PREFILL_ROWS)]
+
+
 def _picked_logprobs(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """(N, T, V) logits -> (N, T) log_softmax at ids, 0 where mask is False. The log-softmax runs on the
     masked positions only; each position's numbers are those of _logsoftmax on the whole tensor (the

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rag.config import GeneratorConfig
 from rag.generators.base import (
+    PREFILL_ROWS,
     DecodeState,
     Generator,
     GeneratorInputs,
@@ -21,9 +22,9 @@ from rag.generators.base import (
     _copy_cache,
     _logsoftmax,
     _picked_logprobs,
+    length_groups,
 )
 
-PREFILL_ROWS = 8  # inference prefills prompts in groups of this many, by length (CausalGenerator.encode_prefix)
 CAUSAL_SYSTEM_PROMPT = "Answer the question using the passage. Reply with only the answer, in a few words."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with only the answer, in a few words."
 # The "short-answer" prompt's demonstrations. A 135M instruct model told to "reply with only the answer"
@@ -151,10 +152,8 @@ class CausalGenerator(Generator):
         (tests/test_generators.py: equal to one prefill)."""
         rows, width = mask.shape
         lengths = mask.sum(-1)  # (R,)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        groups = [order[i : i + PREFILL_ROWS] for i in range(0, rows, PREFILL_ROWS)]
         parts = []
-        for group in groups:
+        for group in length_groups(mask):
             w = int(lengths[group].max())
             parts.append((group, w, *self._prefill(ids[group, width - w :], mask[group, width - w :])))
         template = parts[0][2]

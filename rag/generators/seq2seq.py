@@ -11,6 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from rag.config import GeneratorConfig
 from rag.generators.base import (
+    PREFILL_ROWS,
     DecodeState,
     Generator,
     GeneratorInputs,
@@ -20,6 +21,7 @@ from rag.generators.base import (
     _copy_cache,
     _logsoftmax,
     _picked_logprobs,
+    length_groups,
 )
 
 
@@ -50,8 +52,19 @@ class Seq2SeqGenerator(Generator):
 
     def encode_prefix(self, inputs: GeneratorInputs) -> Prefix:
         encoder = self.model.get_encoder()
-        hidden = encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
-        return Prefix(attention_mask=inputs.attention_mask, hidden=hidden)
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        if torch.is_grad_enabled() or len(mask) <= PREFILL_ROWS:  # training: one forward, one graph
+            return Prefix(attention_mask=mask, hidden=encoder(input_ids=ids, attention_mask=mask).last_hidden_state)
+        # Inference: groups of similar length, each cut to its own longest (right padding: the first w
+        # columns), laid back into one (R, L, H) output with zeros where padding was (the mask hides it).
+        hidden = None
+        for group in length_groups(mask):
+            w = int(mask[group].sum(-1).max())
+            part = encoder(input_ids=ids[group, :w], attention_mask=mask[group, :w]).last_hidden_state  # (g, w, H)
+            if hidden is None:
+                hidden = part.new_zeros(*mask.shape, part.shape[-1])
+            hidden[group, :w] = part * mask[group, :w, None]  # (a group's shorter rows: zeros past their end)
+        return Prefix(attention_mask=mask, hidden=hidden)
 
     def _decode_forward(self, hidden: Tensor, mask: Tensor, tokens: Tensor, cache: Cache | None):
         return self.model(
