@@ -62,22 +62,6 @@ class Row:
     identical: bool | None  # None: not an output comparison (the bound row)
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
-def _timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, Any, float, Any]:
-    """Best-of-N of two functions run alternately (ABAB...), so that drift in the machine's load
-    (another job starting or ending) falls on both sides alike."""
-    best, outs = _timed_rounds({"a": first, "b": second}, repeats)
-    return best["a"], outs["a"], best["b"], outs["b"]
-
-
 def _timed_rounds(steps: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Best-of-N of several functions run in alternating rounds (ABC ABC ...): load drift falls on all."""
     best, outs = dict.fromkeys(steps, float("inf")), {}
@@ -167,17 +151,19 @@ def compare_decoding(args: argparse.Namespace) -> list[Row]:
             max_new_tokens=2,
             min_new_tokens=1,
         )
-        ours_s, ours_out = _timed(run_ours, args.repeats)
-        ref_s, ref_out = _timed(run_reference, args.repeats)
-        task = "RAG-Token beam" if kind == "token" else "RAG-Sequence thorough"
-        rows.append(Row(task, ours_s, ref_s, ref_s / ours_s, target, ours_out == ref_out))
+        steps: dict[str, Callable[[], Any]] = {"ours": run_ours, "reference": run_reference}
         if kind == "sequence":
             # The bound: the beam searches alone (fast decoding is thorough without the rescoring pass),
             # the part both implementations run alike; no rescoring can make thorough faster than this.
             fast = replace(config, decoding="fast")
-            fast_s, _ = _timed(lambda fast=fast: decoding.answer(ours, questions, passages, scores, "sequence", fast),
-                               args.repeats)
-            rows.append(Row("bound: ours without rescoring (fast)", fast_s, ref_s, ref_s / fast_s, target, None))
+            steps["fast"] = lambda fast=fast: decoding.answer(ours, questions, passages, scores, "sequence", fast)
+        best, outs = _timed_rounds(steps, args.repeats)  # alternating rounds: load drift falls on all
+        ours_s, ours_out, ref_s, ref_out = best["ours"], outs["ours"], best["reference"], outs["reference"]
+        task = "RAG-Token beam" if kind == "token" else "RAG-Sequence thorough"
+        rows.append(Row(task, ours_s, ref_s, ref_s / ours_s, target, ours_out == ref_out))
+        if kind == "sequence":
+            rows.append(Row("bound: ours without rescoring (fast)", best["fast"], ref_s, ref_s / best["fast"], target,
+                            None))  # fmt: skip
         print(
             f"{task}: ours {ours_s:.2f}s, transformers {ref_s:.2f}s, identical={ours_out == ref_out}",
             flush=True,
@@ -277,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--vocab", type=int, default=50261, help="words (+4 specials): BART's 50265")
-    parser.add_argument("--repeats", type=int, default=1, help="best of N timings per side")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N alternating rounds per side")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d=64 model: smoke test")
     parser.add_argument("--no-ask", action="store_true", help="skip the `rag ask` latency")
     parser.add_argument("--ask-only", action="store_true", help="only the `rag ask` latency")
