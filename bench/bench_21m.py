@@ -110,35 +110,53 @@ def stage_index() -> dict[str, Any]:
             "files": {p.name: p.stat().st_size for p in (WORK / "index").iterdir()}}  # fmt: skip
 
 
-def stage_search() -> dict[str, Any]:
+SETTINGS = [(nprobe, rerank) for nprobe in (32, 64, 128) for rerank in (10, 50)]
+
+
+def batch_queries(count: int = 640, seed: int = 7) -> np.ndarray:
+    """Questions for the batch-64 speed: stored rows plus the same noise as StructuredVectors.queries
+    (which regenerates a whole 65k-row chunk per question: minutes of CPU at 21M)."""
+    from rag.npy import open_matrix, read_sample
+
+    rng = np.random.default_rng([0, 3, seed])
+    rows = np.sort(rng.choice(N, size=count, replace=False))
+    out = read_sample(open_matrix(WORK / "vectors.npy"), rows).astype(np.float32)
+    return out + 0.5 * rng.standard_normal(out.shape, dtype=np.float32)
+
+
+def stage_search(settings: list[tuple[int, int]] = SETTINGS) -> dict[str, Any]:
     from rag.index import DenseIndex
 
     index = DenseIndex.load(WORK / "index")
     q = np.load(WORK / "queries.npy")
     truth = np.load(WORK / "truth.npy")[:, :10]
-    more = StructuredVectors().queries(N, 640, seed=7)  # batch-64 speed on 10 batches
+    more = batch_queries()  # batch-64 speed on 10 batches
     rows = []
-    for nprobe in (32, 64, 128):
-        for rerank in (10, 50):
-            view = index.with_search_params(nprobe=nprobe, rerank_factor=rerank)
-            view.search(q[:1], 10)
-            c0, w0 = time.process_time(), time.perf_counter()
-            found = np.concatenate([view.search(q[i : i + 1], 10).rows for i in range(len(q))])
-            b1, b1_wall = len(q) / (time.process_time() - c0), len(q) / (time.perf_counter() - w0)
-            c0, w0 = time.process_time(), time.perf_counter()
-            for i in range(0, len(more), 64):
-                view.search(more[i : i + 64], 10)
-            b64, b64_wall = len(more) / (time.process_time() - c0), len(more) / (time.perf_counter() - w0)
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
-            rows.append({"nprobe": nprobe, "rerank_factor": rerank, "recall_at_10": recall, "qps_b1": b1,
-                         "qps_b64": b64, "qps_b1_wall": b1_wall, "qps_b64_wall": b64_wall})  # fmt: skip
-            print(f"  nprobe {nprobe} rerank {rerank}: recall@10 {recall:.3f}, {b1:.1f} q/s (b1), {b64:.1f} (b64)",
-                  flush=True)
+    for nprobe, rerank in settings:
+        view = index.with_search_params(nprobe=nprobe, rerank_factor=rerank)
+        view.search(q[:1], 10)
+        c0, w0 = time.process_time(), time.perf_counter()
+        found = np.concatenate([view.search(q[i : i + 1], 10).rows for i in range(len(q))])
+        b1, b1_wall = len(q) / (time.process_time() - c0), len(q) / (time.perf_counter() - w0)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for i in range(0, len(more), 64):
+            view.search(more[i : i + 64], 10)
+        b64, b64_wall = len(more) / (time.process_time() - c0), len(more) / (time.perf_counter() - w0)
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
+        rows.append({"nprobe": nprobe, "rerank_factor": rerank, "recall_at_10": recall, "qps_b1": b1,
+                     "qps_b64": b64, "qps_b1_wall": b1_wall, "qps_b64_wall": b64_wall})  # fmt: skip
+        print(f"  nprobe {nprobe} rerank {rerank}: recall@10 {recall:.3f}, {b1:.1f} q/s (b1), {b64:.1f} (b64)",
+              flush=True)
     return {"settings": rows}
 
 
 STAGES = {"vectors": lambda: stage_vectors(N), "truth": lambda: stage_truth(N), "index": stage_index,
           "search": stage_search}  # fmt: skip
+EXTRA_SETTINGS = "RAG_BENCH_21M_SETTINGS"  # the search-extra child's settings, from --search
+
+
+def search_extra() -> dict[str, Any]:
+    return stage_search([tuple(map(int, s.split(":"))) for s in os.environ[EXTRA_SETTINGS].split(",")])
 
 
 def run_child(stage: str) -> dict[str, Any]:
@@ -183,6 +201,8 @@ def main() -> int:
     parser.add_argument("--estimate", action="store_true")
     parser.add_argument("--clean", action="store_true")
     parser.add_argument("--lists", type=int, default=LISTS, help=f"IVF lists (default {LISTS})")
+    parser.add_argument("--search", default="", metavar="NPROBE:RERANK,...",
+                        help="after a finished run: search again with these settings (report key search-extra)")
     parser.add_argument("--child", default="")
     parser.add_argument("--result", default="")
     args = parser.parse_args()
@@ -190,7 +210,7 @@ def main() -> int:
         import faiss
 
         faiss.omp_set_num_threads(1)
-        Path(args.result).write_text(json.dumps(STAGES[args.child]()))
+        Path(args.result).write_text(json.dumps({**STAGES, "search-extra": search_extra}[args.child]()))
         return 0
     if args.clean:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -205,6 +225,13 @@ def main() -> int:
     if report["lists"] != args.lists:
         raise SystemExit(f"{RESULT} records a run with --lists {report['lists']}: resume with it, or --clean first")
     RESULT.write_text(json.dumps(report, indent=2))
+    if args.search:
+        if not (WORK / "index.done").is_file():
+            raise SystemExit("--search: the index is not built yet (run without --search first)")
+        os.environ[EXTRA_SETTINGS] = args.search
+        report.setdefault("search-extra", []).append(run_child("search-extra"))
+        RESULT.write_text(json.dumps(report, indent=2))
+        return 0
     for stage in STAGES:
         if (WORK / f"{stage}.done").is_file():
             continue
