@@ -321,7 +321,8 @@ def main() -> int:
     parser.add_argument("--stages", default="data,flat,ivfpq,hnsw,kb")
     parser.add_argument("--hnsw-ef-construction", type=int, default=40)
     parser.add_argument("--update-n", type=int, default=100_000, help="passages of the live-update knowledge base")
-    parser.add_argument("--write-plan", action="store_true", help="write rag/scale_measurements.py from the results")
+    parser.add_argument("--write-plan", action="store_true",
+                        help="write rag/scale_measurements.py from the results (and bench_21m.py's, if it ran)")
     parser.add_argument("--clean", action="store_true", help="delete bench/out/scale (this benchmark's artefacts)")
     parser.add_argument("--child", default="")
     parser.add_argument("--params", default="{}")
@@ -397,12 +398,31 @@ def write_plan(report: dict[str, Any]) -> None:
                          "recall_at_10": round(s["recall_at_10"], 4), "qps_b1": round(s["qps_b1"], 2),
                          "qps_b64": round(s["qps_b64"], 2), "build_cpu_s": round(r["build"]["build_cpu_s"], 1),
                          "scaling": "log" if r["kind"] == "hnsw" else "linear"})  # fmt: skip
+    rows += rows_21m()
     text = ('"""Measured by bench/bench_scale.py on the reference machine (one core per measurement; see\n'
             'results/scale.md): per index setting, bytes per passage, recall@10 and q/s at N = n0.\n'
             'Regenerate: python bench/bench_scale.py, then --write-plan. Read by rag/plan.py."""\n\n'
             "MEASUREMENTS = " + json.dumps(rows, indent=4) + "\n")  # fmt: skip
     (ROOT / "rag" / "scale_measurements.py").write_text(text.replace("true", "True").replace("false", "False"))
     print(f"wrote rag/scale_measurements.py ({len(rows)} settings)")
+
+
+def rows_21m() -> list[dict[str, Any]]:
+    """bench/bench_21m.py's settings, measured at 21M (bench/out/bench_21m.json), if it ran."""
+    path = OUT / "bench_21m.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if "search" not in report:
+        return []
+    n, files = report["n"], report["index"]["files"]
+    resident = (files["faiss.index"] + files["lists.ivfdata"]) / n
+    disk = sum(v for k, v in files.items() if k not in ("meta.json", "trained.index")) / n
+    settings = report["search"]["settings"] + [s for extra in report.get("search-extra", []) for s in extra["settings"]]
+    return [{"kind": "ivfpq", "n0": n, "d0": 768, "resident_bytes": resident, "disk_bytes": disk,
+             "setting": f"IVF{report['lists']},PQ{report['pq']} + float16 re-rank nprobe {s['nprobe']} "
+                        f"rerank {s['rerank_factor']}",
+             "recall_at_10": round(s["recall_at_10"], 4), "qps_b1": round(s["qps_b1"], 2),
+             "qps_b64": round(s["qps_b64"], 2), "build_cpu_s": round(report["index"]["cpu_s"], 1),
+             "scaling": "linear"} for s in settings]  # fmt: skip
 
 
 def print_tables(report: dict[str, Any]) -> None:

@@ -29,6 +29,12 @@ def test_scaling_by_hand():
     assert recommend([flat, low, high], 0.95) is high
     assert recommend([flat, low, high], 0.99) is flat
     assert recommend([low], 0.95) is None
+    assert high.recall_extrapolated and not flat.recall_extrapolated  # approximate recall falls with N
+    # one measured at the full size wins over a faster one whose recall was measured at 1M
+    big = Measured("ivfpq", "nprobe 16 rerank 200", 21_000_000, 768, 72.0, 1600.0, 0.96, 5.0, 6.0, 900.0, "linear")
+    (at_size,) = options(21_000_000, 768, ram, [big])
+    assert not at_size.recall_extrapolated and at_size.qps_b1 == 5.0 < high.qps_b1
+    assert recommend([flat, high, at_size], 0.95) is at_size
     # twice the dimension: twice the bytes per passage, half the q/s
     (wide,) = options(1_000_000, 1536, ram, [IVF_HIGH])
     assert wide.ram_per_machine == pytest.approx(2 * GIB + 1_000_000 * 160.0)

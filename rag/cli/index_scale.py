@@ -144,7 +144,7 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{best['passages_per_shard']:,} passages and {best['ram_per_machine_gib']:.1f} GiB RAM each, "
           f"recall@10 {best['recall_at_10']:.3f}, {best['qps_b1']:.1f} q/s per core at batch 1 "
           f"({best['latency_ms']:.0f} ms), {best['qps_b64']:.1f} at batch 64")
-    print("  figures: measured at n0 passages by bench/bench_scale.py (rag/scale_measurements.py), scaled to "
-          f"{args.passages:,} by rag/plan.py's rules, not measured at that size; * recall measured at fewer "
-          "passages; q/s per core, measured on one core")  # fmt: skip
+    print("  figures: measured at n0 passages (rag/scale_measurements.py: 1M by bench/bench_scale.py, 21M by "
+          f"bench/bench_21m.py), scaled to {args.passages:,} by rag/plan.py's rules where that differs; "
+          "* recall measured at fewer passages than a shard holds; q/s per core, measured on one core")  # fmt: skip
     return 0
