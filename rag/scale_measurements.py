@@ -63,9 +63,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9937,
-        "qps_b1": 671.13,
-        "qps_b64": 1206.03,
-        "build_cpu_s": 419.2,
+        "qps_b1": 817.48,
+        "qps_b64": 1458.5,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -76,9 +76,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9973,
-        "qps_b1": 483.94,
-        "qps_b64": 529.83,
-        "build_cpu_s": 419.2,
+        "qps_b1": 552.52,
+        "qps_b64": 619.45,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -89,9 +89,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9952,
-        "qps_b1": 520.27,
-        "qps_b64": 1074.69,
-        "build_cpu_s": 419.2,
+        "qps_b1": 608.46,
+        "qps_b64": 1333.77,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -102,9 +102,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9988,
-        "qps_b1": 388.95,
-        "qps_b64": 505.98,
-        "build_cpu_s": 419.2,
+        "qps_b1": 438.61,
+        "qps_b64": 584.82,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -115,9 +115,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9955,
-        "qps_b1": 474.9,
-        "qps_b64": 899.31,
-        "build_cpu_s": 419.2,
+        "qps_b1": 555.57,
+        "qps_b64": 1062.75,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -128,9 +128,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9991,
-        "qps_b1": 371.65,
-        "qps_b64": 445.04,
-        "build_cpu_s": 419.2,
+        "qps_b1": 405.18,
+        "qps_b64": 514.42,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -141,9 +141,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9956,
-        "qps_b1": 413.56,
-        "qps_b64": 631.26,
-        "build_cpu_s": 419.2,
+        "qps_b1": 469.26,
+        "qps_b64": 755.48,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
@@ -154,9 +154,9 @@ MEASUREMENTS = [
         "resident_bytes": 85.467923,
         "disk_bytes": 1621.468051,
         "recall_at_10": 0.9992,
-        "qps_b1": 308.76,
-        "qps_b64": 371.03,
-        "build_cpu_s": 419.2,
+        "qps_b1": 346.46,
+        "qps_b64": 421.58,
+        "build_cpu_s": 316.1,
         "scaling": "linear"
     },
     {
