@@ -24,9 +24,9 @@ MEASUREMENTS = [
         "resident_bytes": 3344.129506,
         "disk_bytes": 6416.129634,
         "recall_at_10": 0.9222,
-        "qps_b1": 504.2,
-        "qps_b64": 2193.85,
-        "build_cpu_s": 295.7,
+        "qps_b1": 3011.07,
+        "qps_b64": 3833.71,
+        "build_cpu_s": 250.6,
         "scaling": "log"
     },
     {
@@ -37,9 +37,9 @@ MEASUREMENTS = [
         "resident_bytes": 3344.129506,
         "disk_bytes": 6416.129634,
         "recall_at_10": 0.9707,
-        "qps_b1": 1639.68,
-        "qps_b64": 2035.66,
-        "build_cpu_s": 295.7,
+        "qps_b1": 2226.6,
+        "qps_b64": 2708.41,
+        "build_cpu_s": 250.6,
         "scaling": "log"
     },
     {
@@ -50,9 +50,9 @@ MEASUREMENTS = [
         "resident_bytes": 3344.129506,
         "disk_bytes": 6416.129634,
         "recall_at_10": 0.9802,
-        "qps_b1": 773.11,
-        "qps_b64": 906.69,
-        "build_cpu_s": 295.7,
+        "qps_b1": 1017.33,
+        "qps_b64": 1166.47,
+        "build_cpu_s": 250.6,
         "scaling": "log"
     },
     {
