@@ -19,8 +19,10 @@ forced BOS / EOS) so that generated sequences equal the reference implementation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Generator as Stream
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -73,6 +75,14 @@ class _Found:
     score: Tensor  # (G, n) the search's ranking score (processed, length-normalised)
     logprob: Tensor  # (G, n) raw sum of the next-token log-probs (marginal for RAG-Token)
     doc_logprobs: Tensor  # (G, n, block, L) raw log p(y_i | x, z, y_<i) per block row, 0 past the end
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The fields in order (dataclasses.astuple would deep-copy them)."""
+        return self.tokens, self.lengths, self.score, self.logprob, self.doc_logprobs
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> _Found:
+        """fn applied to every field (each indexed by group first)."""
+        return _Found(*(fn(t) for t in self.tensors()))
 
 
 @dataclass(frozen=True)
@@ -230,7 +240,7 @@ def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
     run_raw, run_doc = torch.zeros(groups, nb, device=dev), torch.zeros(groups, nb, block, L, device=dev)
     fin = _Found(run_tok.clone(), torch.zeros_like(run_tok[..., 0]), torch.full_like(run_score, _BLOCKED),
                  run_raw.clone(), run_doc.clone())
-    out = _Found(*(t.clone() for t in (fin.tokens, fin.lengths, fin.score, fin.logprob, fin.doc_logprobs)))
+    out = fin.map(torch.clone)
     open_groups = torch.arange(groups, device=dev)  # (A,) the groups still searching, in state order
     finished = torch.zeros(groups, nb, dtype=torch.bool, device=dev)
     unsatisfied = torch.ones(groups, 1, dtype=torch.bool, device=dev)  # early-stop heuristic not yet met
@@ -257,9 +267,8 @@ def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
         norm += (~just) * _BLOCKED
         best = torch.topk(torch.cat((fin.score, norm), 1), nb)[1]  # (A, nb)
         lengths = torch.full_like(tok, step + 1)
-        fin = _Found(*(_gather(torch.cat(pair, 1), best) for pair in (
-            (fin.tokens, cand_tok), (fin.lengths, lengths), (fin.score, norm), (fin.logprob, cand_raw),
-            (fin.doc_logprobs, cand_doc))))
+        candidates = (cand_tok, lengths, norm, cand_raw, cand_doc)
+        fin = _Found(*(_gather(torch.cat(pair, 1), best) for pair in zip(fin.tensors(), candidates, strict=True)))
         finished = _gather(torch.cat((finished, just), 1), best)
         unsatisfied = _heuristic(unsatisfied, run_score, fin.score, finished, step + 1, L, opts)
         # (with nb >= 1 at most nb of the 2nb candidates are eos: hits.all() only at the length limit, so
@@ -273,8 +282,7 @@ def _beam_search(stepper: _Stepper, nb: int, rules: _Rules) -> _Found:
             _write(out, fin, open_groups, settled)
             open_groups = open_groups[stay]
             stepper.select_groups(stay)
-            fin = _Found(*(t.index_select(0, stay) for t in (fin.tokens, fin.lengths, fin.score, fin.logprob,
-                                                             fin.doc_logprobs)))  # fmt: skip
+            fin = fin.map(partial(torch.index_select, dim=0, index=stay))
             run_tok, run_score, run_raw, run_doc, finished, unsatisfied, src, nxt = (
                 t.index_select(0, stay) for t in (run_tok, run_score, run_raw, run_doc, finished, unsatisfied,
                                                   src, nxt))  # fmt: skip
@@ -301,8 +309,7 @@ def _settled(unsatisfied: Tensor, finished: Tensor, fin_score: Tensor) -> Tensor
 def _write(out: _Found, fin: _Found, groups: Tensor, which: Tensor) -> None:
     """out[groups[which]] = fin[which], field by field (out is indexed by the original group)."""
     rows = which.nonzero().squeeze(1)
-    for into, part in zip((out.tokens, out.lengths, out.score, out.logprob, out.doc_logprobs),
-                          (fin.tokens, fin.lengths, fin.score, fin.logprob, fin.doc_logprobs), strict=True):  # fmt: skip
+    for into, part in zip(out.tensors(), fin.tensors(), strict=True):
         into[groups[rows]] = part[rows]
 
 
