@@ -162,11 +162,15 @@ def add_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None = None
     centroids = quantizer.reconstruct_n(0, quantizer.ntotal)  # (L, D)
     # L2: argmin |x - c|^2 = argmax x.c - |c|^2 / 2
     offset = -0.5 * np.einsum("ld,ld->l", centroids, centroids) if quantizer.metric_type == faiss.METRIC_L2 else 0.0
+
+    def nearest_list(block: np.ndarray) -> np.ndarray:  # (b, D) -> (b,) the list each row goes to
+        return (block @ centroids.T + offset).argmax(1)
+
     pq = index.pq if isinstance(index, faiss.IndexIVFPQ) and index.pq.nbits == 8 else None
     if pq is None:
         assign = np.empty(len(x), np.int64)
         for lo in range(0, len(x), 4096):  # (4096, L) scores at a time: bounded memory
-            assign[lo : lo + 4096] = (x[lo : lo + 4096] @ centroids.T + offset).argmax(1)
+            assign[lo : lo + 4096] = nearest_list(x[lo : lo + 4096])
         index.add_core(len(x), faiss.swig_ptr(x), None if xids is None else faiss.swig_ptr(xids), faiss.swig_ptr(assign))
         return
     codebooks = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)  # (M, 256, D / M)
@@ -176,7 +180,7 @@ def add_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None = None
     codes = np.empty((len(x), coarse + pq.M), np.uint8)
     for lo in range(0, len(x), 4096):  # (4096, L) coarse scores at a time: bounded memory
         block = x[lo : lo + 4096]
-        assign = (block @ centroids.T + offset).argmax(1)  # (b,)
+        assign = nearest_list(block)  # (b,)
         residual = block - centroids[assign] if index.by_residual else block  # (b, D)
         codes[lo : lo + len(block), :coarse] = assign[:, None].astype("<u8").view(np.uint8).reshape(-1, 8)[:, :coarse]
         for at in range(0, len(block), 128):  # (M, 128, 256) distances stay in cache: 3x faster than 1024 rows
